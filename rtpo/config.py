@@ -1,0 +1,471 @@
+"""One typed config for a run.
+
+`RTPOConfig` is a tree of dataclasses. YAML/JSON files and `--section.key value` command-line
+overrides map onto it; a key that names a field in only one section may be given bare
+(`--lr 1e-5` is `--optim.lr 1e-5`). Unknown or ill-typed keys raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 120            # training steps; one step = one rollout batch + its updates
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"             # auto (bf16 on GPUs that have it, else fp32) | float32 | bfloat16 | float16
+    resume: Optional[str] = None    # a run dir or checkpoint dir; "auto" = newest in output_dir
+    overwrite: bool = False         # allow training into an output_dir that already holds a run
+    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config (see ds_configs/)
+    num_threads: int = 0            # torch CPU threads; 0 = torch's default
+    max_consecutive_skips: int = 3  # non-finite loss/grad: stop after this many skipped steps in a row
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded"          # "embedded" | hub name | local folder | file.gguf | preset name
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    # sizes of the embedded tiny model (Qwen2 architecture)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"       # "embedded" | local .json/.jsonl/.csv/.parquet | hub name
+    subset: Optional[str] = None    # hub dataset config name (e.g. "main" for openai/gsm8k)
+    split: str = "train"
+    eval_split: Optional[str] = None  # None: hold out `num_eval` rows of `split`
+    format: str = "auto"            # auto | fields | gsm8k ("reasoning #### answer" in answer_field)
+    question_field: str = "question"
+    reasoning_field: str = "reasoning"
+    answer_field: str = "answer"
+    num_train: int = 0              # 0 = all rows
+    num_eval: int = 64
+    max_prompt_tokens: int = 512    # question + injected reasoning; longer reasoning is cut, and counted
+    system_prompt: Optional[str] = None
+    shuffle: bool = True
+    # the embedded synthetic task (multi-step arithmetic, see rtpo/synthetic.py)
+    synthetic_size: int = 4000
+    min_operands: int = 3
+    max_operands: int = 5
+    max_operand: int = 30
+
+
+@dataclass
+class WarmstartConfig:
+    """Supervised warm-start on a disjoint split, so a random tiny model knows the format."""
+    enabled: str = "auto"           # auto (on for the embedded model) | true | false
+    steps: int = 600
+    lr: float = 3e-3
+    batch_size: int = 32
+    num_examples: int = 4000
+    cache_dir: str = ".cache/rtpo"  # the warm-started model is cached here, keyed by its settings
+
+
+@dataclass
+class CurriculumConfig:
+    """keep(step) = 1 - f(r), r = min(max(step - warmup_steps, 0) / anneal_steps, 1); see curriculum.py."""
+    schedule: str = "cosine"        # constant | linear | cosine | exponential | piecewise | adaptive | none
+    anneal_steps: int = 0           # 0 = computed: 75% of the steps after warmup (the rest run with no hint)
+    anneal_fraction: float = 0.75
+    warmup_steps: int = 0
+    floor: float = 0.0              # keep never goes below this
+    value: float = 1.0              # keep for `constant`
+    decay_rate: float = 5.0         # k for `exponential`
+    milestones: list = field(default_factory=lambda: [0.3, 0.6, 0.9])
+    values: list = field(default_factory=lambda: [0.2, 0.5, 0.8, 1.0])
+    granularity: str = "token"      # token | line (the kept part never ends mid-line)
+    injection: str = "prefix"       # prefix (hint opens the assistant turn) | turn (a closed earlier turn)
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    # adaptive: keep drops by `adaptive_step` while batch accuracy >= target, holds otherwise
+    adaptive_target: float = 0.7
+    adaptive_step: float = 0.02
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8       # distinct prompts per training step
+    num_generations: int = 8        # G completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_strings: list = field(default_factory=list)
+    share_prefix: bool = True
+    cache: str = "dynamic"          # dynamic | static
+    batch_size: int = 0             # rows decoded at once; 0 = all
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = "dapo"         # grpo | dapo | dr_grpo
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = 0.0               # KL weight; 0 = no reference model is built or run
+    scale_rewards: str = "group"    # group | batch | none
+    adv_eps: float = 1e-4
+    num_iterations: int = 1         # passes over each rollout batch
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    lr_schedule: str = "constant"   # constant | linear | cosine
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16      # sequences per forward/backward; gradients accumulate to the step
+    mini_batches: int = 1           # optimizer updates per pass over a rollout batch
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the built-in rewards; extra user functions as "module:function" = weight."""
+    accuracy: float = 1.0
+    format: float = 0.1
+    length_penalty: float = 0.0     # weight of -(completion tokens / max_new_tokens)
+    custom: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20                 # steps between held-out evals (0 = only at the start and end)
+    num_examples: int = 64
+    max_new_tokens: int = 96
+    batch_size: int = 64
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50                 # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class RTPOConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RTPOConfig":
+        validate(self)
+        return self
+
+
+# Bare CLI keys that would otherwise be ambiguous or name a section.
+ALIASES = {
+    "model": "model.name",
+    "lr": "optim.lr",
+    "max_steps": "run.max_steps",
+    "dataset": "data.dataset",
+    "output_dir": "run.output_dir",
+    "resume": "run.resume",
+    "seed": "run.seed",
+    "deepspeed": "run.deepspeed",
+    "G": "rollout.num_generations",
+    "schedule": "curriculum.schedule",
+    "beta": "loss.beta",
+    "eval_every": "eval.every",
+    "save_every": "checkpoint.every",
+}
+
+
+def _sections(cfg: RTPOConfig):
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def resolve_key(cfg: RTPOConfig, key: str) -> tuple[str, str]:
+    """Map "lr" / "optim.lr" / "optim-lr" to ("optim", "lr"); raise ConfigError for unknown keys."""
+    key = ALIASES.get(key, key).replace("-", "_")
+    sections = _sections(cfg)
+    if "." in key:
+        sec, _, name = key.partition(".")
+        if sec not in sections:
+            raise ConfigError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(sections)}")
+        if name not in {f.name for f in dataclasses.fields(sections[sec])}:
+            names = ", ".join(f.name for f in dataclasses.fields(sections[sec]))
+            raise ConfigError(f"unknown config key {key!r}; {sec} has: {names}")
+        return sec, name
+    owners = [s for s, obj in sections.items() if key in {f.name for f in dataclasses.fields(obj)}]
+    if len(owners) == 1:
+        return owners[0], key
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}; use section.key, e.g. optim.lr (see README, config reference)")
+    raise ConfigError(f"ambiguous config key {key!r}: it exists in {', '.join(owners)}; write e.g. {owners[0]}.{key}")
+
+
+def _field_type(obj, name: str):
+    hints = typing.get_type_hints(type(obj))
+    return hints[name]
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """Convert a value (a CLI string or a parsed YAML/JSON value) to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], key)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):  # "100", "1e3" and "2.0" are ints; "2.5" is not
+                value = float(value) if any(ch in value.lower() for ch in ".e") else int(value)
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if tp is list or origin is list:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+        if tp is dict or origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    else:
+        return value
+    tname = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config key {key!r} expects {tname}, got {value!r}")
+
+
+def set_value(cfg: RTPOConfig, key: str, value: Any) -> None:
+    sec, name = resolve_key(cfg, key)
+    obj = getattr(cfg, sec)
+    setattr(obj, name, coerce(value, _field_type(obj, name), f"{sec}.{name}"))
+
+
+def apply_dict(cfg: RTPOConfig, data: dict, source: str = "config") -> RTPOConfig:
+    """Apply a nested ({"optim": {"lr": 1e-5}}) or flat ({"optim.lr": 1e-5}) mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    sections = _sections(cfg)
+    for k, v in data.items():
+        if k in sections and isinstance(v, dict):
+            for kk, vv in v.items():
+                try:
+                    set_value(cfg, f"{k}.{kk}", vv)
+                except ConfigError as e:
+                    raise ConfigError(f"{source}: {e}") from None
+        else:
+            try:
+                set_value(cfg, k, v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # a dependency of transformers
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path!r}: not valid YAML: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path!r}: not valid JSON ({e}); YAML files must end in .yaml/.yml") from None
+
+
+def parse_args(argv: list[str], base: Optional[RTPOConfig] = None) -> RTPOConfig:
+    """`--config FILE` (applied first), `--preset NAME`, then `--key value` / `--key=value` overrides."""
+    from rtpo.presets import apply_preset
+
+    cfg = base or RTPOConfig()
+    pairs: list[tuple[str, Optional[str]]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            val = argv[i + 1]
+            i += 1
+        else:
+            val = None  # a bare flag: true for booleans
+        pairs.append((key, val))
+        i += 1
+    for key, val in pairs:
+        if key == "preset":
+            apply_preset(cfg, val)
+    for key, val in pairs:
+        if key == "config":
+            if val is None:
+                raise ConfigError("--config needs a file path")
+            apply_dict(cfg, load_file(val), source=val)
+    for key, val in pairs:
+        if key in ("config", "preset"):
+            continue
+        if val is None:
+            sec, name = resolve_key(cfg, key)
+            if _field_type(getattr(cfg, sec), name) is not bool:
+                raise ConfigError(f"--{key} needs a value")
+            val = "true"
+        set_value(cfg, key, val)
+    return cfg.validate()
+
+
+def _choice(value, choices, key):
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def _positive(value, key, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} = {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: RTPOConfig) -> None:
+    """Cross-field checks that a typed field cannot express; each error names the key and the fix."""
+    from rtpo.advantages import SCALE_REWARDS
+    from rtpo.curriculum import SCHEDULES
+    from rtpo.losses import LOSS_TYPES
+
+    c = cfg
+    _choice(c.loss.loss_type, sorted(LOSS_TYPES), "loss.loss_type")
+    _choice(c.loss.scale_rewards, sorted(SCALE_REWARDS), "loss.scale_rewards")
+    _choice(c.curriculum.schedule, sorted(SCHEDULES), "curriculum.schedule")
+    _choice(c.curriculum.granularity, ["token", "line"], "curriculum.granularity")
+    _choice(c.curriculum.injection, ["prefix", "turn"], "curriculum.injection")
+    _choice(c.optim.lr_schedule, ["constant", "linear", "cosine"], "optim.lr_schedule")
+    _choice(c.rollout.cache, ["dynamic", "static"], "rollout.cache")
+    _choice(c.data.format, ["auto", "fields", "gsm8k"], "data.format")
+    _choice(c.warmstart.enabled, ["auto", "true", "false"], "warmstart.enabled")
+    _choice(c.run.dtype, ["auto", "float32", "bfloat16", "float16"], "run.dtype")
+    for key, v in [("run.max_steps", c.run.max_steps), ("rollout.prompts_per_step", c.rollout.prompts_per_step),
+                   ("rollout.max_new_tokens", c.rollout.max_new_tokens), ("optim.micro_batch_size", c.optim.micro_batch_size),
+                   ("optim.mini_batches", c.optim.mini_batches), ("loss.num_iterations", c.loss.num_iterations),
+                   ("data.max_prompt_tokens", c.data.max_prompt_tokens), ("eval.max_new_tokens", c.eval.max_new_tokens),
+                   ("eval.batch_size", c.eval.batch_size), ("optim.lr", c.optim.lr),
+                   ("curriculum.decay_rate", c.curriculum.decay_rate)]:
+        _positive(v, key)
+    for key, v in [("loss.beta", c.loss.beta), ("rollout.temperature", c.rollout.temperature),
+                   ("rollout.top_k", c.rollout.top_k), ("curriculum.warmup_steps", c.curriculum.warmup_steps),
+                   ("curriculum.anneal_steps", c.curriculum.anneal_steps), ("eval.every", c.eval.every),
+                   ("eval.num_examples", c.eval.num_examples), ("checkpoint.every", c.checkpoint.every),
+                   ("data.num_train", c.data.num_train), ("data.num_eval", c.data.num_eval),
+                   ("optim.max_grad_norm", c.optim.max_grad_norm), ("optim.weight_decay", c.optim.weight_decay),
+                   ("loss.epsilon_low", c.loss.epsilon_low), ("loss.epsilon_high", c.loss.epsilon_high),
+                   ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
+                   ("loss.entropy_coef", c.loss.entropy_coef)]:
+        _positive(v, key, allow_zero=True)
+    if c.rollout.num_generations < 2:
+        raise ConfigError(
+            f"rollout.num_generations = {c.rollout.num_generations}: group-relative advantages need G >= 2 "
+            "(with G = 1 every advantage is 0 and nothing is learned); set --rollout.num_generations 2 or more")
+    if c.rollout.temperature == 0:
+        raise ConfigError("rollout.temperature = 0 makes all G completions identical; use > 0 for training rollouts")
+    if not 0 < c.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p = {c.rollout.top_p} must be in (0, 1]")
+    if c.loss.epsilon_low >= 1:
+        raise ConfigError(f"loss.epsilon_low = {c.loss.epsilon_low} must be < 1 (the ratio is clipped at 1 - epsilon_low)")
+    for key, v in [("curriculum.floor", c.curriculum.floor), ("curriculum.value", c.curriculum.value),
+                   ("curriculum.anneal_fraction", c.curriculum.anneal_fraction),
+                   ("curriculum.adaptive_target", c.curriculum.adaptive_target),
+                   ("curriculum.adaptive_step", c.curriculum.adaptive_step)]:
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{key} = {v} must be in [0, 1]")
+    m, vals = c.curriculum.milestones, c.curriculum.values
+    if len(vals) != len(m) + 1:
+        raise ConfigError(f"curriculum.values needs len(milestones) + 1 = {len(m) + 1} entries, got {len(vals)}")
+    if any(not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in list(m) + list(vals)):
+        raise ConfigError("curriculum.milestones and curriculum.values must be numbers in [0, 1]")
+    if list(m) != sorted(m):
+        raise ConfigError(f"curriculum.milestones must be increasing, got {m}")
+    if c.data.min_operands < 2 or c.data.max_operands < c.data.min_operands:
+        raise ConfigError(f"data.min_operands/max_operands = {c.data.min_operands}/{c.data.max_operands}: "
+                          "need 2 <= min_operands <= max_operands")
+    for name, w in c.rewards.custom.items():
+        if not isinstance(name, str) or ":" not in name:
+            raise ConfigError(f"rewards.custom key {name!r} must be 'module:function'")
+        if not isinstance(w, (int, float)) or isinstance(w, bool):
+            raise ConfigError(f"rewards.custom[{name!r}] weight must be a number, got {w!r}")
+
+
+def save(cfg: RTPOConfig, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def from_dict(data: dict) -> RTPOConfig:
+    return apply_dict(RTPOConfig(), data)

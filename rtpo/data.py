@@ -1,0 +1,168 @@
+"""Reasoning datasets: rows of question / reasoning / answer.
+
+Sources: the embedded synthetic task, local JSON / JSONL / CSV / Parquet files, or a hub dataset
+(through `datasets`). Field names are configurable; `format: gsm8k` splits GSM8K's
+"reasoning #### answer" field. Every row is validated; an error names the row index and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from rtpo import synthetic
+from rtpo.config import DataConfig
+
+
+class DataError(ValueError):
+    """A dataset row or source is unusable; the message names the row/field and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    reasoning: str
+    answer: str
+    index: int  # row index in its source split, for error messages and logs
+
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# GSM8K calculator annotations such as "<<48/2=24>>" are not reasoning text.
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def split_gsm8k(text: str) -> tuple[str, str]:
+    """GSM8K answers read "reasoning lines\\n#### 72": return (reasoning, "72")."""
+    if "####" not in text:
+        raise ValueError("no '####' separator")
+    reasoning, _, answer = text.rpartition("####")
+    return _CALC.sub("", reasoning).strip(), answer.strip().replace(",", "")
+
+
+def validate_rows(rows, cfg: DataConfig, source: str) -> list[Example]:
+    """Map raw rows to Examples. Missing field, empty question, non-string reasoning or a missing
+    answer raise DataError naming the row and field; empty reasoning is allowed (no hint)."""
+    fmt = cfg.format
+    qf, rf, af = cfg.question_field, cfg.reasoning_field, cfg.answer_field
+    if fmt == "auto":
+        first = rows[0] if len(rows) else {}
+        fmt = "gsm8k" if rf not in first and af in first and "####" in str(first.get(af, "")) else "fields"
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {i} is a {type(row).__name__}, expected an object with fields")
+        for name, key in [("question_field", qf), ("answer_field", af)] + ([("reasoning_field", rf)] if fmt == "fields" else []):
+            if key not in row:
+                have = ", ".join(map(str, row.keys()))
+                raise DataError(f"{source}: row {i} has no field {key!r} (data.{name}); fields present: {have}. "
+                                f"Set --data.{name} to the right column")
+        q = row[qf]
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{source}: row {i} field {qf!r} (question) is empty or not text: {q!r}")
+        if fmt == "gsm8k":
+            a = row[af]
+            if not isinstance(a, str):
+                raise DataError(f"{source}: row {i} field {af!r} must be text 'reasoning #### answer', got {type(a).__name__}")
+            try:
+                reasoning, answer = split_gsm8k(a)
+            except ValueError:
+                raise DataError(f"{source}: row {i} field {af!r} has no '#### answer' part (data.format=gsm8k); "
+                                "use --data.format fields with separate reasoning/answer columns") from None
+        else:
+            reasoning, answer = row[rf], row[af]
+            if reasoning is None:
+                reasoning = ""
+            if not isinstance(reasoning, str):
+                raise DataError(f"{source}: row {i} field {rf!r} (reasoning) must be text, got {type(reasoning).__name__}")
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = str(answer)
+            if not isinstance(answer, str):
+                raise DataError(f"{source}: row {i} field {af!r} (answer) must be text or a number, got {type(answer).__name__}")
+        if not answer.strip():
+            raise DataError(f"{source}: row {i} field {af!r} (answer) is empty; every row needs an answer to reward")
+        out.append(Example(q.strip(), reasoning.strip(), answer.strip(), i))
+    return out
+
+
+def _load_local(path: str, split: str):
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_FORMATS:
+        raise DataError(f"data.dataset {path!r}: unsupported file type {ext!r}; use one of {', '.join(LOCAL_FORMATS)}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        if ext != ".parquet":
+            head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.dataset {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+    if not head.strip():
+        raise DataError(f"data.dataset {path!r} is empty: it has no rows")
+    try:
+        ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={split: path}, split=split)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"data.dataset {path!r} could not be read as {LOCAL_FORMATS[ext]}: {type(e).__name__}: {e}") from None
+    return ds.to_list()
+
+
+def _load_hub(name: str, subset, split: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:
+        raise DataError(f"data.dataset {name!r} (subset {subset!r}, split {split!r}) could not be loaded: "
+                        f"{type(e).__name__}: {e}. Offline? Use a local file or the embedded dataset") from None
+    return ds.to_list()
+
+
+def load_rows(cfg: DataConfig, split: str):
+    if cfg.dataset == "embedded":
+        seed = {"train": synthetic.TRAIN_SEED, "test": synthetic.EVAL_SEED, "warmstart": synthetic.WARMSTART_SEED}[split]
+        size = cfg.synthetic_size if split != "test" else max(cfg.num_eval, 1)
+        return synthetic.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
+                                      max_operand=cfg.max_operand)
+    if os.path.exists(cfg.dataset):
+        return _load_local(cfg.dataset, split)
+    if cfg.dataset.endswith(tuple(LOCAL_FORMATS)):
+        raise DataError(f"data.dataset {cfg.dataset!r}: no such file")
+    return _load_hub(cfg.dataset, cfg.subset, split)
+
+
+def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """Return (train, eval). Without an eval split, the last `num_eval` rows are held out.
+    Eval questions are removed from train so that held-out accuracy is honest."""
+    source = cfg.dataset
+    rows = load_rows(cfg, cfg.split)
+    if len(rows) == 0:
+        raise DataError(f"data.dataset {source!r} split {cfg.split!r} has no rows")
+    train = validate_rows(rows, cfg, f"{source}[{cfg.split}]")
+    if cfg.dataset == "embedded":
+        ev = validate_rows(load_rows(cfg, "test"), cfg, "embedded[test]")
+    elif cfg.eval_split:
+        ev = validate_rows(load_rows(cfg, cfg.eval_split), cfg, f"{source}[{cfg.eval_split}]")
+    else:
+        if len(train) <= cfg.num_eval:
+            raise DataError(f"data.dataset {source!r} has {len(train)} rows, not more than data.num_eval = {cfg.num_eval}; "
+                            "lower --data.num_eval or give --data.eval_split")
+        train, ev = train[:-cfg.num_eval] if cfg.num_eval else train, train[-cfg.num_eval:] if cfg.num_eval else []
+    ev = ev[: cfg.num_eval]
+    held = {e.question for e in ev}
+    train = [e for e in train if e.question not in held]
+    if cfg.num_train:
+        train = train[: cfg.num_train]
+    if not train:
+        raise DataError(f"data.dataset {source!r}: no training rows left after holding out the eval rows")
+    return train, ev
+
+
+def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int) -> list[Example]:
+    """Rows for the supervised warm-start, disjoint from the RL train and eval questions."""
+    if cfg.dataset != "embedded":
+        raise DataError("warmstart.enabled needs the embedded dataset (or a model that already knows the format); "
+                        "set --warmstart.enabled false")
+    rows = synthetic.make_dataset(num, synthetic.WARMSTART_SEED, min_operands=cfg.min_operands,
+                                  max_operands=cfg.max_operands, max_operand=cfg.max_operand)
+    return [e for e in validate_rows(rows, cfg, "embedded[warmstart]") if e.question not in exclude]

@@ -1,0 +1,88 @@
+"""Supervised warm-start: a random tiny model cannot do RL from scratch, so it first learns the
+response format (and some arithmetic) on a split disjoint from the RL and eval questions.
+
+The result is cached on disk, keyed by everything that determines it, so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+
+import torch
+
+from rtpo.curriculum import PromptBuilder, response_ids
+
+
+def cache_key(model, tokenizer, wc, dc, cc) -> str:
+    blob = json.dumps({
+        "model": model.config.to_dict(), "vocab": len(tokenizer),
+        "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples")},
+        "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt")},
+        "think": [cc.think_open, cc.think_close], "version": 1,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sft_batch(seqs: list, pad_id: int, device):
+    """Right-padded inputs with labels -100 on prompt and padding."""
+    L = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        labels[i, len(p):n] = torch.tensor(r)
+        attn[i, :n] = 1
+    return ids.to(device), attn.to(device), labels.to(device)
+
+
+def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, seed=0, log=print):
+    """AdamW on response tokens only, cosine LR decay. Returns the final mean loss."""
+    encs = [(ex, builder.encode(ex)) for ex in examples]
+    data = [(enc.base, response_ids(builder, ex, enc, tokenizer.eos_token_id)) for ex, enc in encs]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))
+    model.train()
+    recent = []
+    for step in range(wc.steps):
+        batch = rng.sample(data, min(wc.batch_size, len(data)))
+        ids, attn, labels = sft_batch(batch, tokenizer.pad_token_id, device)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-50:]
+        if (step + 1) % 100 == 0 or step + 1 == wc.steps:
+            log(f"[warmstart] step {step + 1}/{wc.steps} loss {sum(recent) / len(recent):.4f}")
+    return sum(recent) / max(len(recent), 1)
+
+
+def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, log=print):
+    """Load the cached warm-started weights or train and cache them. Returns the model."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(wc.cache_dir, f"warmstart-{cache_key(model, tokenizer, wc, dc, cc)}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        log(f"[warmstart] using cached warm-start {path}")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    log(f"[warmstart] supervised warm-start: {wc.steps} steps on {len(examples)} disjoint examples")
+    model.to(device)
+    train_sft(model, tokenizer, builder, examples, wc, device, seed=seed, log=log)
+    os.makedirs(wc.cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    log(f"[warmstart] cached at {path}")
+    return model
