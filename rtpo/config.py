@@ -32,6 +32,7 @@ class RunConfig:
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config (see ds_configs/)
     num_threads: int = 0            # torch CPU threads; 0 = torch's default
     max_consecutive_skips: int = 3  # non-finite loss/grad: stop after this many skipped steps in a row
+    stop_after_steps: int = 0       # save and exit after this many steps of this invocation (0 = off)
 
 
 @dataclass
@@ -425,7 +426,7 @@ def validate(cfg: RTPOConfig) -> None:
                    ("optim.max_grad_norm", c.optim.max_grad_norm), ("optim.weight_decay", c.optim.weight_decay),
                    ("loss.epsilon_low", c.loss.epsilon_low), ("loss.epsilon_high", c.loss.epsilon_high),
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
-                   ("loss.entropy_coef", c.loss.entropy_coef)]:
+                   ("loss.entropy_coef", c.loss.entropy_coef), ("run.stop_after_steps", c.run.stop_after_steps)]:
         _positive(v, key, allow_zero=True)
     if c.rollout.num_generations < 2:
         raise ConfigError(

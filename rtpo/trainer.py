@@ -28,7 +28,7 @@ from rtpo.generation import SamplingConfig, generate
 from rtpo.logprobs import collate, completion_logprobs
 from rtpo.losses import policy_loss
 from rtpo.metrics import MetricsLog, plot_metrics
-from rtpo.models import load_model_and_tokenizer, prepare_tokenizer
+from rtpo.models import load_model_and_tokenizer, load_tokenizer
 from rtpo.rewards import accuracy_reward, build_reward_functions, format_reward, score
 
 
@@ -139,11 +139,11 @@ class Trainer:
 
     def _load_model(self):
         if self.resume_from:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
             self.log(f"[rtpo] resuming from {self.resume_from}")
             model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
-            return model, prepare_tokenizer(AutoTokenizer.from_pretrained(self.resume_from))
+            return model, load_tokenizer(self.resume_from)
         return load_model_and_tokenizer(self.cfg.model, seed=self.cfg.run.seed)
 
     def _warmstart_enabled(self):
@@ -429,7 +429,7 @@ class Trainer:
         save_config(c, os.path.join(self.out, "config.json"))
         metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=self.step if self.resume_from else None)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        t_start = time.perf_counter()
+        t_start, start = time.perf_counter(), self.step
         first_eval = last_eval = None
         bar = tqdm(total=c.run.max_steps, initial=self.step, disable=not c.log.progress, dynamic_ncols=True,
                    desc="rtpo")
@@ -446,11 +446,13 @@ class Trainer:
                                 len=f"{row['completion_tokens']:.0f}", refresh=False)
                 self.step += 1
                 self._track_skips(row)
+                if c.run.stop_after_steps and self.step - start == c.run.stop_after_steps and self.step < c.run.max_steps:
+                    self._stop_signal = "stop_after_steps"
                 if self._stop_signal:
                     path = self.save()
-                    self.log(f"[rtpo] received {self._stop_signal}: saved {path} at step {self.step}; "
+                    self.log(f"[rtpo] {self._stop_signal}: saved {path} at step {self.step}; "
                              f"continue with --resume {self.out}")
-                    return {"stopped": self._stop_signal, "checkpoint": path, "step": self.step}
+                    return {"stopped": self._stop_signal, "checkpoint": path, "steps": self.step}
                 if c.checkpoint.every and self.step % c.checkpoint.every == 0 and self.step < c.run.max_steps:
                     self.save()
             bar.close()

@@ -1,0 +1,110 @@
+"""End-to-end runs of the trainer on the embedded task (tiny sizes, CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rtpo.checkpoint import list_checkpoints
+from rtpo.config import parse_args
+from rtpo.metrics import read_metrics
+from rtpo.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(out, cache, *extra):
+    return ["--output_dir", str(out), "--max_steps", "4", "--rollout.prompts_per_step", "2", "--G", "3",
+            "--rollout.max_new_tokens", "12", "--eval.num_examples", "4", "--eval.max_new_tokens", "12",
+            "--eval.every", "2", "--checkpoint.every", "2", "--warmstart.steps", "4", "--warmstart.cache_dir",
+            str(cache), "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2",
+            "--model.num_kv_heads", "1", "--model.intermediate_size", "64", "--data.synthetic_size", "50",
+            "--warmstart.num_examples", "50", "--log.progress", "false", "--log.plot", "false",
+            "--optim.micro_batch_size", "4", *extra]
+
+
+def run(argv):
+    return Trainer(parse_args(argv), log=lambda m: None).train()
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+STEP_METRICS = ["keep", "injected_tokens", "completion_tokens", "reasoning_tokens", "reward", "reward/accuracy",
+                "reward/format", "accuracy", "zero_var_groups", "clip_frac", "entropy", "lr", "loss", "grad_norm",
+                "time_rollout", "time_scoring", "time_reference", "time_update"]
+
+
+def test_end_to_end_writes_metrics_checkpoint_and_config(tmp_path):
+    """A few steps finish and write metrics.jsonl (every per-step metric of RTPO.md), checkpoints,
+    the resolved config and a summary; the keep ratio anneals from 1 to 0."""
+    out = tmp_path / "run"
+    summary = run(tiny_args(out, tmp_path / "cache", "--loss.beta", "0.05"))
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    for key in STEP_METRICS + ["kl"]:
+        assert all(key in r for r in steps), key
+    assert steps[0]["keep"] == 1.0 and steps[-1]["keep"] == 0.0
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert json.loads((out / "config.json").read_text())["run"]["max_steps"] == 4
+    assert summary["steps"] == 4 and "eval/accuracy" in summary["eval_after"]
+
+
+def test_resume_continues_from_saved_step_exactly(tmp_path):
+    """4 steps straight == 2 steps + --resume + 2 steps: same metrics rows (timings aside) and
+    bit-identical final weights."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache = tmp_path / "cache"
+    run(tiny_args(a, cache))
+    first = run(tiny_args(b, cache, "--run.stop_after_steps", "2"))
+    assert first["stopped"] == "stop_after_steps" and first["steps"] == 2
+    run(tiny_args(b, cache, "--resume", "auto"))
+    assert strip_times(read_metrics(a / "metrics.jsonl")) == strip_times(read_metrics(b / "metrics.jsonl"))
+    from safetensors.torch import load_file
+
+    wa = load_file(a / "checkpoints/step_000004/model.safetensors")
+    wb = load_file(b / "checkpoints/step_000004/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    """Training into a folder that holds a run is refused unless resuming or --run.overwrite."""
+    out = tmp_path / "run"
+    run(tiny_args(out, tmp_path / "cache", "--max_steps", "1", "--eval.num_examples", "0"))
+    from rtpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(tiny_args(out, tmp_path / "cache", "--max_steps", "1"))
+
+
+@pytest.mark.slow
+def test_train_py_cli(tmp_path):
+    """`python train.py ...` exits 0 and prints a JSON summary; a bad key exits 2 with one error line."""
+    cmd = [sys.executable, "train.py", *tiny_args(tmp_path / "run", tmp_path / "cache", "--max_steps", "2")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout[p.stdout.index("{\n"):])["steps"] == 2
+    bad = subprocess.run([sys.executable, "train.py", "--optim.lrr", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: unknown config key 'optim.lrr'; optim has: " + bad.stderr.split("optim has: ")[1].strip()]
+
+
+def test_saved_embedded_tokenizer_reloads_identically(tmp_path):
+    """The embedded tokenizer saved next to a Qwen2 config reloads with the same token ids
+    (newlines included) and the same chat template."""
+    from rtpo.embedded import build_model, build_tokenizer
+    from rtpo.models import load_tokenizer
+
+    tok = build_tokenizer()
+    build_model(tok, 32, 1, 2, 1, 64).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path))
+    text = "<think>\n23+29=52\n52-4=48\n</think>\n48<|im_end|>"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again.chat_template == tok.chat_template and again.padding_side == "left"
