@@ -68,6 +68,10 @@ class Trainer:
         self.out = cfg.run.output_dir
         self.log = log or (lambda msg: print(msg, flush=True))
         self.resume_from = self._resolve_resume()
+        try:
+            self.reward_fns = build_reward_functions(cfg.rewards)
+        except ValueError as e:
+            raise ConfigError(f"rewards.custom: {e}") from None
         self.device = pick_device(cfg.run.device)
         self.amp_dtype = self._amp_dtype()
         if cfg.run.num_threads:
@@ -93,10 +97,6 @@ class Trainer:
         if cfg.loss.beta > 0:  # a frozen copy of the starting policy
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-        try:
-            self.reward_fns = build_reward_functions(cfg.rewards)
-        except ValueError as e:
-            raise ConfigError(f"rewards.custom: {e}") from None
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
         self.eos_ids = tuple(sorted({self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))))
         self.updates_per_step = cfg.loss.num_iterations * cfg.optim.mini_batches
