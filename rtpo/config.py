@@ -30,7 +30,7 @@ class RunConfig:
     resume: Optional[str] = None    # a run dir or checkpoint dir; "auto" = newest in output_dir
     overwrite: bool = False         # allow training into an output_dir that already holds a run
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config (see ds_configs/)
-    num_threads: int = 0            # torch CPU threads; 0 = torch's default
+    num_threads: int = 0            # torch CPU threads; 0 = auto (1 for models < 20M parameters on CPU, else torch's default)
     max_consecutive_skips: int = 3  # non-finite loss/grad: stop after this many skipped steps in a row
     stop_after_steps: int = 0       # save and exit after this many steps of this invocation (0 = off)
 
@@ -75,7 +75,7 @@ class DataConfig:
 class WarmstartConfig:
     """Supervised warm-start on a disjoint split, so a random tiny model knows the format."""
     enabled: str = "auto"           # auto (on for the embedded model) | true | false
-    steps: int = 600
+    steps: int = 500
     lr: float = 3e-3
     batch_size: int = 32
     num_examples: int = 4000
