@@ -60,7 +60,7 @@ class DataConfig:
     reasoning_field: str = "reasoning"
     answer_field: str = "answer"
     num_train: int = 0              # 0 = all rows
-    num_eval: int = 64
+    num_eval: int = 256
     max_prompt_tokens: int = 512    # question + injected reasoning; longer reasoning is cut, and counted
     system_prompt: Optional[str] = None
     shuffle: bool = True
@@ -79,6 +79,8 @@ class WarmstartConfig:
     lr: float = 3e-3
     batch_size: int = 32
     num_examples: int = 4000
+    seed: int = 0                   # seeds the embedded model's init and the SFT order: the warm-started
+                                    # model stands in for a pretrained checkpoint, the same for every run.seed
     cache_dir: str = ".cache/rtpo"  # the warm-started model is cached here, keyed by its settings
 
 
@@ -155,7 +157,7 @@ class RewardConfig:
 @dataclass
 class EvalConfig:
     every: int = 20                 # steps between held-out evals (0 = only at the start and end)
-    num_examples: int = 64
+    num_examples: int = 256
     max_new_tokens: int = 96
     batch_size: int = 64
 

@@ -88,7 +88,7 @@ class Trainer:
             exclude = {e.question for e in self.train_rows + self.eval_rows}
             rows = warmstart_rows(cfg.data, exclude, cfg.warmstart.num_examples)
             self.model = warmstart(self.model, self.tok, self.builder, rows, cfg.warmstart, cfg.data,
-                                   cfg.curriculum, self.device, seed=cfg.run.seed, log=self.log)
+                                   cfg.curriculum, self.device, seed=cfg.warmstart.seed, log=self.log)
         self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -146,7 +146,9 @@ class Trainer:
             self.log(f"[rtpo] resuming from {self.resume_from}")
             model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
             return model, load_tokenizer(self.resume_from)
-        return load_model_and_tokenizer(self.cfg.model, seed=self.cfg.run.seed)
+        # A warm-started model stands in for a pretrained checkpoint: it does not vary with run.seed.
+        seed = self.cfg.warmstart.seed if self._warmstart_enabled() else self.cfg.run.seed
+        return load_model_and_tokenizer(self.cfg.model, seed=seed)
 
     def _set_threads(self):
         # Small models on CPU: per-op thread synchronisation costs more than the work it splits

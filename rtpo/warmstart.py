@@ -18,12 +18,19 @@ import torch
 from rtpo.curriculum import PromptBuilder, response_ids
 
 
-def cache_key(model, tokenizer, wc, dc, cc) -> str:
+def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
+    # The initial weights and the exact SFT rows (which depend on the held-out split they avoid)
+    # are part of the key: a cached model is reused only if it would be rebuilt identically.
+    weights = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(t.detach().float().cpu().numpy().tobytes())
     blob = json.dumps({
-        "model": model.config.to_dict(), "vocab": len(tokenizer),
-        "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples")},
+        "model": model.config.to_dict(), "vocab": len(tokenizer), "init": weights.hexdigest(),
+        "rows": hashlib.sha256("\n".join(e.question for e in examples).encode()).hexdigest(),
+        "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed")},
         "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt")},
-        "think": [cc.think_open, cc.think_close], "version": 1,
+        "think": [cc.think_open, cc.think_close], "version": 2,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -71,7 +78,7 @@ def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, l
     """Load the cached warm-started weights or train and cache them. Returns the model."""
     from transformers import AutoModelForCausalLM
 
-    path = os.path.join(wc.cache_dir, f"warmstart-{cache_key(model, tokenizer, wc, dc, cc)}")
+    path = os.path.join(wc.cache_dir, f"warmstart-{cache_key(model, tokenizer, wc, dc, cc, examples)}")
     if os.path.isfile(os.path.join(path, "config.json")):
         log(f"[warmstart] using cached warm-start {path}")
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
