@@ -13,8 +13,7 @@ median of --reps runs after a full-size warm-up (CUDA-synchronised); peak = torc
 during the timed runs minus memory allocated before them (the inputs).
 CPU: V in {32k, 151k} x N in {512, 1024}, H = 128 (a smaller H keeps the run short; the [N, V] terms
 the kernels remove do not depend on H), fp32 inputs; impls naive / torch with the library's default
-blocks (sized for GPU-scale N: up to 256 MiB of logits per block, i.e. about the whole CPU problem) /
-torch with a 4096-entry vocab block (block budget scaled down with the problem, as on a GPU at N=16k).
+CPU blocks (BLOCK_ELEMENTS_CPU = 4M logits, 16 MiB per block) / torch with a 4096-entry vocab block.
 Each (case, impl) runs in a fresh subprocess after a tiny warm-up (thread pools); peak = RSS high-water
 mark (VmHWM, reset via /proc/self/clear_refs just before the timed run) minus the RSS at that moment
 (inputs allocated). Big CPU buffers are mmap'd and unmapped on free, so RSS tracks live tensors; small
