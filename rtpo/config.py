@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -51,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "embedded"       # "embedded" | local .json/.jsonl/.csv/.parquet | hub name
+    dataset: str = "embedded"       # "embedded" | "wordproblems" | local .json/.jsonl/.csv/.parquet | hub name
     subset: Optional[str] = None    # hub dataset config name (e.g. "main" for openai/gsm8k)
     split: str = "train"
     eval_split: Optional[str] = None  # None: hold out `num_eval` rows of `split`
@@ -64,11 +65,11 @@ class DataConfig:
     max_prompt_tokens: int = 512    # question + injected reasoning; longer reasoning is cut, and counted
     system_prompt: Optional[str] = None
     shuffle: bool = True
-    # the embedded synthetic task (multi-step arithmetic, see rtpo/synthetic.py)
+    # the generated tasks: embedded (rtpo/synthetic.py) and wordproblems (rtpo/wordproblems.py)
     synthetic_size: int = 4000
     min_operands: int = 3
     max_operands: int = 5
-    max_operand: int = 30
+    max_operand: int = 9
 
 
 @dataclass
@@ -100,7 +101,7 @@ class CurriculumConfig:
     injection: str = "prefix"       # prefix (hint opens the assistant turn) | turn (a closed earlier turn)
     think_open: str = "<think>"
     think_close: str = "</think>"
-    # adaptive: keep drops by `adaptive_step` while batch accuracy >= target, holds otherwise
+    # adaptive: keep drops by `adaptive_step` while batch accuracy >= target, holds otherwise, never above linear
     adaptive_target: float = 0.7
     adaptive_step: float = 0.02
 
@@ -133,7 +134,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = 3e-5
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -338,7 +339,10 @@ def load_file(path: str) -> dict:
         try:
             return yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path!r}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)  # one line: where and what, not YAML's multi-line report
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--config {path!r}: not valid YAML: {where}{what}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -403,6 +407,11 @@ def validate(cfg: RTPOConfig) -> None:
     from rtpo.losses import LOSS_TYPES
 
     c = cfg
+    for sec, obj in _sections(c).items():  # "nan" / "inf" parse as floats and would poison the run
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{sec}.{f.name} = {v} must be a finite number")
     _choice(c.loss.loss_type, sorted(LOSS_TYPES), "loss.loss_type")
     _choice(c.loss.scale_rewards, sorted(SCALE_REWARDS), "loss.scale_rewards")
     _choice(c.curriculum.schedule, sorted(SCHEDULES), "curriculum.schedule")
@@ -428,8 +437,20 @@ def validate(cfg: RTPOConfig) -> None:
                    ("optim.max_grad_norm", c.optim.max_grad_norm), ("optim.weight_decay", c.optim.weight_decay),
                    ("loss.epsilon_low", c.loss.epsilon_low), ("loss.epsilon_high", c.loss.epsilon_high),
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
-                   ("loss.entropy_coef", c.loss.entropy_coef), ("run.stop_after_steps", c.run.stop_after_steps)]:
+                   ("loss.entropy_coef", c.loss.entropy_coef), ("run.stop_after_steps", c.run.stop_after_steps),
+                   ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
+                   ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps)]:
         _positive(v, key, allow_zero=True)
+    # > 0: adv_eps = 0 divides a zero-variance group by 0 (NaN advantages, every update skipped);
+    # max_consecutive_skips = 0 would stop after the first step.
+    for key, v in [("loss.adv_eps", c.loss.adv_eps), ("run.max_consecutive_skips", c.run.max_consecutive_skips),
+                   ("warmstart.lr", c.warmstart.lr), ("warmstart.batch_size", c.warmstart.batch_size),
+                   ("data.synthetic_size", c.data.synthetic_size)]:
+        _positive(v, key)
+    for key, v in [("optim.beta1", c.optim.beta1), ("optim.beta2", c.optim.beta2)]:
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key} = {v} must be in [0, 1) (AdamW moment decay); the default is "
+                              f"{getattr(OptimConfig(), key.split('.')[1])}")
     if c.rollout.num_generations < 2:
         raise ConfigError(
             f"rollout.num_generations = {c.rollout.num_generations}: group-relative advantages need G >= 2 "

@@ -8,7 +8,7 @@ with `granularity: line` the cut is rounded down to a line boundary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rtpo.config import CurriculumConfig
 
@@ -66,7 +66,7 @@ def anneal_length(c: CurriculumConfig, max_steps: int) -> int:
 def keep_ratio(step: int, c: CurriculumConfig, max_steps: int) -> float:
     """keep(step) = max(floor, 1 - f(r)), r = min(max(step - warmup, 0) / T, 1); keep = 1 during warmup."""
     if c.schedule == "adaptive":
-        raise ValueError("the adaptive schedule is stateful: use AdaptiveKeep")
+        raise ValueError("the adaptive schedule is stateful: use Curriculum")
     if c.schedule == "constant":
         return c.value
     r = min(max(step - c.warmup_steps, 0) / anneal_length(c, max_steps), 1.0)
@@ -82,20 +82,30 @@ def adaptive_update(keep: float, accuracy: float, c: CurriculumConfig) -> float:
 
 
 class Curriculum:
-    """keep(step) for every schedule; carries the one number of adaptive state for checkpoints."""
+    """keep(step) for every schedule; carries the one number of adaptive state for checkpoints.
+
+    The adaptive keep never lags the linear anneal (same warmup, T and floor): it runs ahead of it
+    while the batch accuracy stays >= target and holds while accuracy is low, but the linear keep is
+    its ceiling, so it still reaches the floor by the end of the anneal and the last steps train on
+    the evaluation prompts, as with every other schedule. Without that deadline a task whose
+    accuracy falls below the target as soon as the answer is cut (GSM8K-style traces end with it)
+    would hold keep near 1 for the whole run."""
 
     def __init__(self, c: CurriculumConfig, max_steps: int):
         self.c, self.max_steps = c, max_steps
         self.adaptive_keep = 1.0
 
+    def _deadline(self, step: int) -> float:
+        return keep_ratio(step, replace(self.c, schedule="linear"), self.max_steps)
+
     def keep(self, step: int) -> float:
         if self.c.schedule == "adaptive":
-            return 1.0 if step < self.c.warmup_steps else self.adaptive_keep
+            return min(self.adaptive_keep, self._deadline(step))  # the deadline is 1 during warmup
         return keep_ratio(step, self.c, self.max_steps)
 
     def observe(self, step: int, accuracy: float) -> None:
         if self.c.schedule == "adaptive" and step >= self.c.warmup_steps:
-            self.adaptive_keep = adaptive_update(self.adaptive_keep, accuracy, self.c)
+            self.adaptive_keep = adaptive_update(self.keep(step), accuracy, self.c)
 
     def state_dict(self) -> dict:
         return {"adaptive_keep": self.adaptive_keep}
@@ -221,7 +231,7 @@ class PromptTooLong(ValueError):
     def __init__(self, index, need, budget):
         super().__init__(f"row {index}: the question alone takes {need} tokens, more than data.max_prompt_tokens = "
                          f"{budget}; raise --data.max_prompt_tokens")
-        self.index = index
+        self.index, self.need = index, need
 
 
 def response_ids(builder: PromptBuilder, ex, enc: EncodedExample, eos_id: int) -> list:

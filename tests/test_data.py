@@ -26,7 +26,7 @@ def test_synthetic_trace_states_the_answer_last_and_is_deterministic():
 def test_embedded_splits_are_disjoint():
     """No eval question appears in the training rows."""
     train, ev = load_splits(DataConfig())
-    assert len(ev) == 64 and not ({e.question for e in ev} & {e.question for e in train})
+    assert len(ev) == DataConfig().num_eval and not ({e.question for e in ev} & {e.question for e in train})
 
 
 def test_gsm8k_format():

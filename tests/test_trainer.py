@@ -13,17 +13,9 @@ from rtpo.config import parse_args
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
+from conftest import tiny_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_args(out, cache, *extra):
-    return ["--output_dir", str(out), "--max_steps", "4", "--rollout.prompts_per_step", "2", "--G", "3",
-            "--rollout.max_new_tokens", "12", "--eval.num_examples", "4", "--eval.max_new_tokens", "12",
-            "--eval.every", "2", "--checkpoint.every", "2", "--warmstart.steps", "4", "--warmstart.cache_dir",
-            str(cache), "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2",
-            "--model.num_kv_heads", "1", "--model.intermediate_size", "64", "--data.synthetic_size", "50",
-            "--warmstart.num_examples", "50", "--log.progress", "false", "--log.plot", "false",
-            "--optim.micro_batch_size", "4", *extra]
 
 
 def run(argv):

