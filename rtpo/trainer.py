@@ -83,19 +83,15 @@ class Trainer:
         self.builder = PromptBuilder(self.tok, cfg.curriculum, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
         self.train_enc, self.train_rows = self._encode(self.train_rows, "train")
         self.eval_enc, self.eval_rows = self._encode(self.eval_rows, "eval")
-        if self.resume_from is None and self._warmstart_enabled():
-            from rtpo.warmstart import warmstart
-
-            exclude = {e.question for e in self.train_rows + self.eval_rows}
-            rows = warmstart_rows(cfg.data, exclude, cfg.warmstart.num_examples)
-            self.model = warmstart(self.model, self.tok, self.builder, rows, cfg.warmstart, cfg.data,
-                                   cfg.curriculum, self.device, seed=cfg.warmstart.seed, log=self.log)
+        if self.resume_from is None:
+            self.model = self._warmstarted(self.model)
         self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.ref = None
-        if cfg.loss.beta > 0:  # a frozen copy of the starting policy
-            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
+            start = self.model if self.resume_from is None else self._warmstarted(self._starting_model())
+            self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
 
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
         self.eos_ids = tuple(sorted({self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))))
@@ -147,9 +143,26 @@ class Trainer:
             self.log(f"[rtpo] resuming from {self.resume_from}")
             model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
             return model, load_tokenizer(self.resume_from)
+        return self._starting_model(with_tokenizer=True)
+
+    def _starting_model(self, with_tokenizer=False):
+        """The model a fresh run starts from (before any warm-start)."""
         # A warm-started model stands in for a pretrained checkpoint: it does not vary with run.seed.
         seed = self.cfg.warmstart.seed if self._warmstart_enabled() else self.cfg.run.seed
-        return load_model_and_tokenizer(self.cfg.model, seed=seed)
+        model, tok = load_model_and_tokenizer(self.cfg.model, seed=seed)
+        return (model, tok) if with_tokenizer else model
+
+    def _warmstarted(self, model):
+        """`model` after the supervised warm-start (from the cache when it exists), if enabled."""
+        if not self._warmstart_enabled():
+            return model
+        from rtpo.warmstart import warmstart
+
+        c = self.cfg
+        exclude = {e.question for e in self.train_rows + self.eval_rows}
+        rows = warmstart_rows(c.data, exclude, c.warmstart.num_examples)
+        return warmstart(model, self.tok, self.builder, rows, c.warmstart, c.data, c.curriculum, self.device,
+                         seed=c.warmstart.seed, log=self.log)
 
     def _set_threads(self):
         # Small models on CPU: per-op thread synchronisation costs more than the work it splits

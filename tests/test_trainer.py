@@ -65,6 +65,18 @@ def test_resume_continues_from_saved_step_exactly(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_kl_keeps_the_starting_policy_as_reference(tmp_path):
+    """With beta > 0 the reference is the policy the run STARTED from, also after --resume: 2 + resume
+    + 2 steps log the same KL (and every other metric) as 4 steps in one go."""
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    kl = ("--loss.beta", "0.5", "--lr", "1e-2")  # a large lr makes the policy drift from the reference
+    run(tiny_args(a, cache, *kl))
+    run(tiny_args(b, cache, *kl, "--run.stop_after_steps", "2"))
+    run(tiny_args(b, cache, *kl, "--resume", "auto"))
+    ra, rb = (strip_times(read_metrics(d / "metrics.jsonl")) for d in (a, b))
+    assert ra == rb and ra[-2]["kl"] > 0
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     """Training into a folder that holds a run is refused unless resuming or --run.overwrite."""
     out = tmp_path / "run"
