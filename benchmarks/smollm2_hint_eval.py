@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rtpo.config import parse_args  # noqa: E402
-from rtpo.generation import SamplingConfig  # noqa: E402
 from rtpo.rewards import accuracy_reward, format_reward  # noqa: E402
 from rtpo.trainer import Trainer  # noqa: E402
 
@@ -39,17 +38,9 @@ KEEPS = (1.0, 0.5, 0.0)
 @torch.no_grad()
 def accuracy_at_keep(tr: Trainer, keep: float, n: int, samples: int = 3) -> dict:
     """Greedy accuracy on the first n held-out rows with the trace injected at this keep ratio."""
-    e = tr.cfg.eval
     encs, rows = tr.eval_enc[:n], tr.eval_rows[:n]
-    prompts = [tr.builder.build(enc, keep)[0] for enc in encs]
     prefixes = [tr.builder.prefix_text(enc, keep) for enc in encs]
-    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0, eos_token_ids=tr.eos_ids,
-                              pad_token_id=tr.tok.pad_token_id)
-    comps, reasons = [], []
-    for i in range(0, len(prompts), e.batch_size):
-        out = tr._generate(prompts[i:i + e.batch_size], sampling, 1)
-        comps += out.completions
-        reasons += out.finish_reasons
+    comps, reasons = tr.greedy_completions([tr.builder.build(enc, keep)[0] for enc in encs])
     texts = [tr._decode(c) for c in comps]
     responses = [p + t for p, t in zip(prefixes, texts)]
     answers = [r.answer for r in rows]

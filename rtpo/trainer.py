@@ -407,14 +407,9 @@ class Trainer:
         return row
 
     # --- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Greedy, NO hint (the prompts a user would send), on the held-out rows."""
+    def greedy_completions(self, prompts: list) -> tuple:
+        """Greedy completions (eval settings, in eval.batch_size chunks) -> (token lists, finish reasons)."""
         e = self.cfg.eval
-        encs, rows = self.eval_enc[: e.num_examples], self.eval_rows[: e.num_examples]
-        if not encs:
-            return {}
-        prompts = [self.builder.build(enc, 0.0)[0] for enc in encs]
         sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0, eos_token_ids=self.eos_ids,
                                   stop_strings=tuple(self.cfg.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
         comps, reasons = [], []
@@ -422,6 +417,16 @@ class Trainer:
             out = self._generate(prompts[i:i + e.batch_size], sampling, 1)
             comps += out.completions
             reasons += out.finish_reasons
+        return comps, reasons
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy, NO hint (the prompts a user would send), on the held-out rows."""
+        e = self.cfg.eval
+        encs, rows = self.eval_enc[: e.num_examples], self.eval_rows[: e.num_examples]
+        if not encs:
+            return {}
+        comps, reasons = self.greedy_completions([self.builder.build(enc, 0.0)[0] for enc in encs])
         texts = [self._decode(x) for x in comps]
         answers = [r.answer for r in rows]
         kw = dict(think_open=self.cfg.curriculum.think_open, think_close=self.cfg.curriculum.think_close)

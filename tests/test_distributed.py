@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from conftest import tiny_args
+
 from rtpo.config import ConfigError, parse_args
 from rtpo.distributed import (DistributedTrainer, ensure_launch_env, make_trainer, micro_batches_per_update,
                               reduce_rows, reference_ds_config, resolve_ds_config, strip_launcher_args)
@@ -216,14 +218,9 @@ def test_resume_with_another_process_count_is_refused(tmp_path):
 
 def tiny(out, cache, *extra):
     """A few steps of the embedded task at toy sizes; the custom reward makes advantages non-zero."""
-    return ["--output_dir", str(out), "--max_steps", "3", "--rollout.prompts_per_step", "4", "--G", "4",
-            "--rollout.max_new_tokens", "10", "--eval.num_examples", "6", "--eval.max_new_tokens", "10",
-            "--eval.every", "2", "--checkpoint.every", "2", "--warmstart.steps", "4", "--warmstart.cache_dir",
-            str(cache), "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2",
-            "--model.num_kv_heads", "1", "--model.intermediate_size", "64", "--data.synthetic_size", "50",
-            "--warmstart.num_examples", "50", "--log.progress", "false", "--log.plot", "false",
-            "--optim.micro_batch_size", "4", "--rewards.custom", '{"tests.distributed_helpers:digit_reward": 1.0}',
-            *extra]
+    return tiny_args(out, cache, "--max_steps", "3", "--rollout.prompts_per_step", "4", "--G", "4",
+                     "--rollout.max_new_tokens", "10", "--eval.num_examples", "6", "--eval.max_new_tokens", "10",
+                     "--rewards.custom", '{"tests.distributed_helpers:digit_reward": 1.0}', *extra)
 
 
 # per-step metrics that must agree between 1 and 2 processes (timings aside)
