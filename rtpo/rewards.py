@@ -119,15 +119,21 @@ def build_reward_functions(rc) -> dict:
     return fns
 
 
+class RewardError(ValueError):
+    """A reward function failed or returned the wrong number of values; the message names it."""
+
+
 def score(fns: dict, completions, answers, **ctx):
     """Weighted sum of every reward function -> (total [N], {name: list[float]}).
     A function that returns the wrong number of values is an error naming it."""
     per_fn, total = {}, [0.0] * len(completions)
     for name, (fn, w) in fns.items():
-        vals = fn(completions, answers, **ctx)
-        vals = [float(v) for v in vals]
+        try:
+            vals = [float(v) for v in fn(completions, answers, **ctx)]
+        except Exception as e:  # user code: report which function failed, not a bare traceback
+            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
         if len(vals) != len(completions):
-            raise ValueError(f"reward function {name!r} returned {len(vals)} values for {len(completions)} completions")
+            raise RewardError(f"reward function {name!r} returned {len(vals)} values for {len(completions)} completions")
         per_fn[name] = vals
         total = [t + w * v for t, v in zip(total, vals)]
     return total, per_fn

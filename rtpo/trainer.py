@@ -29,7 +29,7 @@ from rtpo.logprobs import collate, completion_logprobs
 from rtpo.losses import policy_loss
 from rtpo.metrics import MetricsLog, plot_metrics
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
-from rtpo.rewards import accuracy_reward, build_reward_functions, format_reward, score
+from rtpo.rewards import RewardError, accuracy_reward, build_reward_functions, format_reward, score
 
 
 class TrainingError(RuntimeError):
@@ -275,7 +275,11 @@ class Trainer:
                    finish_reasons=ro["finish_reasons"], completion_lengths=[len(c) for c in ro["completions"]],
                    max_new_tokens=self.cfg.rollout.max_new_tokens, think_open=self.cfg.curriculum.think_open,
                    think_close=self.cfg.curriculum.think_close)
-        total, per_fn = score(self.reward_fns, texts, ro["answers"], **ctx)
+        try:
+            total, per_fn = score(self.reward_fns, texts, ro["answers"], **ctx)
+        except RewardError as e:
+            raise TrainingError(f"step {self.step}: {e}. Fix it, then continue from the last checkpoint with "
+                                "--resume auto") from None
         rewards = torch.tensor(total, dtype=torch.float32)
         acc = per_fn.get("accuracy") or accuracy_reward(texts, ro["answers"], **ctx)
         adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,

@@ -46,3 +46,10 @@ def slow_zero(completions, answers, **ctx):
     """Sleeps RTPO_TEST_REWARD_SLEEP seconds: gives a test a window to signal a running train.py."""
     time.sleep(float(os.environ.get("RTPO_TEST_REWARD_SLEEP", "0") or 0))
     return [0.0] * len(completions)
+
+
+def raising_reward(completions, answers, **ctx):
+    """Raises on the second training step (call 1), like a user function with a bug."""
+    if _next_call() == 1:
+        raise KeyError("missing_field")
+    return [0.0] * len(completions)

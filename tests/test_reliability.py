@@ -318,6 +318,22 @@ def test_repeated_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, 
     assert [r["skipped_updates"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 1, 0, 0, 0]
 
 
+def test_reward_function_that_raises_stops_with_one_line_naming_it(tmp_path, cache, capfd, faults):
+    """A user reward function raising mid-run ends the run with exit 3 and one error line naming the
+    function, the step and the exception; the checkpoint written before it stays resumable."""
+    faults.configure()
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, *custom("raising_reward"), "--max_steps", "3", "--eval.num_examples", "0",
+                     "--checkpoint.every", "1")
+    rc, log, err = main(args, capfd)
+    assert rc == 3
+    assert error_line(err) == ("error: step 1: reward function 'fault_rewards:raising_reward' raised KeyError: "
+                               "'missing_field'. Fix it, then continue from the last checkpoint with --resume auto")
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    rc, log, err = main([*args, "--resume", "auto"], capfd)
+    assert rc == 0, err
+
+
 # ------------------------------------------------------------------------------ 5. bad input
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
