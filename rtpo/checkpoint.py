@@ -89,3 +89,40 @@ def save_state(path: str, state: dict) -> None:
 
 def load_state(path: str) -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def _remove_stale_tmp(dest: str) -> None:
+    """Delete tmp folders of `dest` left by killed processes (a model folder can be ~0.5 GB)."""
+    parent, base = os.path.split(dest)
+    for entry in os.listdir(parent or "."):
+        head, sep, pid = entry.rpartition(".tmp-")
+        if sep and head == base and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            except OSError:
+                pass  # alive under another user: not ours to delete
+
+
+def write_atomically(dest: str, write) -> str:
+    """Run write(tmp_folder), then rename the folder to `dest` in one step: an interrupted write
+    leaves no folder at `dest` (only a tmp folder, removed here when the failure is an exception),
+    so a present `dest` is always complete. If another process finished `dest` first, its copy wins."""
+    parent = os.path.dirname(dest) or "."
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp(dest)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)  # the data reaches the disk before the rename can
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.isdir(dest):
+                raise
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

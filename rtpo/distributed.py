@@ -688,15 +688,12 @@ class DistributedTrainer(Trainer):
             self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False)
         with self._full_weights():
             if self.rank == 0:
-                self.model.save_pretrained(tmp)
-                self.tok.save_pretrained(tmp)
-                ckpt.save_state(tmp, self.state_dict())
+                super()._write_checkpoint(tmp)
         dist.barrier()  # every shard is written before rank 0 fsyncs and renames the folder
 
     def save(self) -> str:
-        if self.rank == 0:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self._write_checkpoint, self.cfg.checkpoint.keep_last)
-            self.log(f"[rtpo] checkpoint saved: {path}")
+        if self.rank == 0:  # rank 0's output_dir is the run's (run_dir): Trainer.save, with the write above
+            path = super().save()
         else:
             self._write_checkpoint(None)
             path = None

@@ -14,13 +14,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 
 from rtpo import embedded
-from rtpo.checkpoint import _fsync_dir, _fsync_tree
+from rtpo.checkpoint import write_atomically
 from rtpo.config import ConfigError, ModelConfig
 
 # Converted checkpoints live under $RTPO_CACHE_DIR/models (default: the project's .cache/rtpo, the
@@ -138,43 +137,6 @@ def _unquantized_copy(model):
     fresh.tie_weights()  # assign=True replaced the tied tensors one by one: re-tie them
     fresh.generation_config = copy.deepcopy(model.generation_config)
     return fresh.eval()
-
-
-def _remove_stale_tmp(dest: str) -> None:
-    """Delete tmp folders of `dest` left by killed processes (a checkpoint is ~0.5 GB each)."""
-    parent, base = os.path.split(dest)
-    for entry in os.listdir(parent or "."):
-        head, sep, pid = entry.rpartition(".tmp-")
-        if sep and head == base and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            except OSError:
-                pass  # alive under another user: not ours to delete
-
-
-def write_atomically(dest: str, write) -> str:
-    """Run write(tmp_folder), then rename the folder to `dest` in one step: an interrupted write
-    leaves no folder at `dest` (only a tmp folder, removed here when the failure is an exception),
-    so a present `dest` is always complete. If another process finished `dest` first, its copy wins."""
-    parent = os.path.dirname(dest) or "."
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_tmp(dest)
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)  # the data reaches the disk before the rename can
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not os.path.isdir(dest):
-                raise
-        _fsync_dir(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def convert_gguf(gguf_path: str, dest: str | None = None, log=print) -> str:

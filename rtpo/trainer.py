@@ -90,7 +90,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.ref = None
         if cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
-            start = self.model if self.resume_from is None else self._warmstarted(self._starting_model())
+            start = self.model if self.resume_from is None else self._warmstarted(self._starting_model()[0])
             self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
 
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
@@ -143,14 +143,13 @@ class Trainer:
             self.log(f"[rtpo] resuming from {self.resume_from}")
             model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
             return model, load_tokenizer(self.resume_from)
-        return self._starting_model(with_tokenizer=True)
+        return self._starting_model()
 
-    def _starting_model(self, with_tokenizer=False):
-        """The model a fresh run starts from (before any warm-start)."""
+    def _starting_model(self):
+        """(model, tokenizer) a fresh run starts from, before any warm-start."""
         # A warm-started model stands in for a pretrained checkpoint: it does not vary with run.seed.
         seed = self.cfg.warmstart.seed if self._warmstart_enabled() else self.cfg.run.seed
-        model, tok = load_model_and_tokenizer(self.cfg.model, seed=seed)
-        return (model, tok) if with_tokenizer else model
+        return load_model_and_tokenizer(self.cfg.model, seed=seed)
 
     def _warmstarted(self, model):
         """`model` after the supervised warm-start (from the cache when it exists), if enabled."""
@@ -452,12 +451,13 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _write_checkpoint(self, tmp: str) -> None:
+        self.model.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        ckpt.save_state(tmp, self.state_dict())
+
     def save(self) -> str:
-        def write(tmp):
-            self.model.save_pretrained(tmp)
-            self.tok.save_pretrained(tmp)
-            ckpt.save_state(tmp, self.state_dict())
-        path = ckpt.save_checkpoint(self.out, self.step, write, self.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.checkpoint.keep_last)
         self.log(f"[rtpo] checkpoint saved: {path}")
         return path
 

@@ -11,10 +11,10 @@ import json
 import math
 import os
 import random
-import shutil
 
 import torch
 
+from rtpo.checkpoint import write_atomically
 from rtpo.curriculum import PromptBuilder, response_ids
 
 
@@ -85,11 +85,6 @@ def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, l
     log(f"[warmstart] supervised warm-start: {wc.steps} steps on {len(examples)} disjoint examples")
     model.to(device)
     train_sft(model, tokenizer, builder, examples, wc, device, seed=seed, log=log)
-    os.makedirs(wc.cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    write_atomically(path, model.save_pretrained)
     log(f"[warmstart] cached at {path}")
     return model

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rtpo import models
+from rtpo.checkpoint import write_atomically
 from rtpo.config import ConfigError, ModelConfig, parse_args
 from rtpo.presets import apply_preset
 
@@ -68,7 +69,7 @@ def test_interrupted_conversion_leaves_no_checkpoint(tmp_path):
         raise KeyboardInterrupt  # e.g. Ctrl-C between the config and the weights
 
     with pytest.raises(KeyboardInterrupt):
-        models.write_atomically(dest, half_write)
+        write_atomically(dest, half_write)
     assert os.listdir(tmp_path / "models") == []
 
     def full_write(tmp):
@@ -76,7 +77,7 @@ def test_interrupted_conversion_leaves_no_checkpoint(tmp_path):
         for name in ("config.json", "model.safetensors"):
             open(os.path.join(tmp, name), "w").write(name)
 
-    assert models.write_atomically(dest, full_write) == dest
+    assert write_atomically(dest, full_write) == dest
     assert sorted(os.listdir(dest)) == ["config.json", "model.safetensors"]
 
 
@@ -94,8 +95,8 @@ def test_tmp_folder_of_a_killed_conversion_is_removed_and_a_finished_one_wins(tm
             open(os.path.join(tmp, "config.json"), "w").write(content)
         return f
 
-    models.write_atomically(dest, write("first"))
-    models.write_atomically(dest, write("second"))
+    write_atomically(dest, write("first"))
+    write_atomically(dest, write("second"))
     assert sorted(os.listdir(tmp_path)) == ["m"]
     assert open(os.path.join(dest, "config.json")).read() == "first"
 
