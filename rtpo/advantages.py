@@ -43,3 +43,10 @@ def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of groups whose G rewards are all equal (they carry no learning signal)."""
     r = rewards.view(-1, group_size)
     return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+
+
+def group_outcomes(accuracy: torch.Tensor) -> tuple[float, float]:
+    """accuracy [groups, G] in {0, 1} -> (fraction of all-wrong groups, fraction of all-right groups).
+    An all-wrong group is where a hint can create signal; an all-right group is where it removes it."""
+    acc = accuracy.float()
+    return (acc.max(dim=1).values <= 0).float().mean().item(), (acc.min(dim=1).values >= 1).float().mean().item()

@@ -70,6 +70,8 @@ class DataConfig:
     min_operands: int = 3
     max_operands: int = 5
     max_operand: int = 9
+    trace: str = "rewrite"          # embedded task's trace: rewrite (reduce the expression line by line) | steps
+    modulus: int = 0                # embedded task: > 0 computes modulo this (every value stays one digit at 10)
 
 
 @dataclass
@@ -83,6 +85,10 @@ class WarmstartConfig:
     seed: int = 0                   # seeds the embedded model's init and the SFT order: the warm-started
                                     # model stands in for a pretrained checkpoint, the same for every run.seed
     cache_dir: str = ".cache/rtpo"  # the warm-started model is cached here, keyed by its settings
+    # What the warm-start teaches. reasoning_fraction of its rows show the whole trace; the rest are
+    # answer-only (<think></think> answer), so writing the steps is something RL must select or learn.
+    reasoning_fraction: float = 1.0
+    max_operands: int = 0           # > 0: warm-start questions have at most this many operands (shorter chains)
 
 
 @dataclass
@@ -104,6 +110,14 @@ class CurriculumConfig:
     # adaptive: keep drops by `adaptive_step` while batch accuracy >= target, holds otherwise, never above linear
     adaptive_target: float = 0.7
     adaptive_step: float = 0.02
+    # Hints that adapt to each example (beyond the original; see README "Hints that adapt").
+    # per_example: each example's keep follows its own group results, capped by the schedule above:
+    # after an all-wrong group it grows by per_example_step, after a group accuracy >= per_example_target
+    # it shrinks by per_example_step (the schedule's keep is its ceiling, so keep 0 at the end is hint-free).
+    per_example: bool = False
+    per_example_step: float = 0.25
+    per_example_target: float = 0.5
+    hint_dropout: float = 0.0       # fraction of each group's rows that get no hint (they train the eval prompt)
 
 
 @dataclass
@@ -130,6 +144,7 @@ class LossConfig:
     adv_eps: float = 1e-4
     num_iterations: int = 1         # passes over each rollout batch
     entropy_coef: float = 0.0
+    hint_loss: float = 0.0          # weight of a log-likelihood loss on the injected hint tokens (UFT-style)
 
 
 @dataclass
@@ -420,6 +435,7 @@ def validate(cfg: RTPOConfig) -> None:
     _choice(c.optim.lr_schedule, ["constant", "linear", "cosine"], "optim.lr_schedule")
     _choice(c.rollout.cache, ["dynamic", "static"], "rollout.cache")
     _choice(c.data.format, ["auto", "fields", "gsm8k"], "data.format")
+    _choice(c.data.trace, ["rewrite", "steps"], "data.trace")
     _choice(c.warmstart.enabled, ["auto", "true", "false"], "warmstart.enabled")
     _choice(c.run.dtype, ["auto", "float32", "bfloat16", "float16"], "run.dtype")
     for key, v in [("run.max_steps", c.run.max_steps), ("rollout.prompts_per_step", c.rollout.prompts_per_step),
@@ -437,7 +453,7 @@ def validate(cfg: RTPOConfig) -> None:
                    ("optim.max_grad_norm", c.optim.max_grad_norm), ("optim.weight_decay", c.optim.weight_decay),
                    ("loss.epsilon_low", c.loss.epsilon_low), ("loss.epsilon_high", c.loss.epsilon_high),
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
-                   ("loss.entropy_coef", c.loss.entropy_coef), ("run.stop_after_steps", c.run.stop_after_steps),
+                   ("loss.entropy_coef", c.loss.entropy_coef), ("loss.hint_loss", c.loss.hint_loss), ("run.stop_after_steps", c.run.stop_after_steps),
                    ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
                    ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps)]:
         _positive(v, key, allow_zero=True)
@@ -464,7 +480,10 @@ def validate(cfg: RTPOConfig) -> None:
     for key, v in [("curriculum.floor", c.curriculum.floor), ("curriculum.value", c.curriculum.value),
                    ("curriculum.anneal_fraction", c.curriculum.anneal_fraction),
                    ("curriculum.adaptive_target", c.curriculum.adaptive_target),
-                   ("curriculum.adaptive_step", c.curriculum.adaptive_step)]:
+                   ("curriculum.adaptive_step", c.curriculum.adaptive_step),
+                   ("curriculum.per_example_step", c.curriculum.per_example_step),
+                   ("curriculum.per_example_target", c.curriculum.per_example_target),
+                   ("curriculum.hint_dropout", c.curriculum.hint_dropout)]:
         if not 0 <= v <= 1:
             raise ConfigError(f"{key} = {v} must be in [0, 1]")
     m, vals = c.curriculum.milestones, c.curriculum.values

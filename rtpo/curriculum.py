@@ -81,6 +81,22 @@ def adaptive_update(keep: float, accuracy: float, c: CurriculumConfig) -> float:
     return max(c.floor, min(1.0, keep))
 
 
+def per_example_update(keep: float, group_accuracy: float, c: CurriculumConfig) -> float:
+    """One example's own keep after a group of its rollouts (AdaBack-style):
+    all wrong -> keep + per_example_step; accuracy >= per_example_target -> keep - per_example_step;
+    otherwise unchanged. Clipped to [0, 1]."""
+    if group_accuracy <= 0.0:
+        keep = keep + c.per_example_step
+    elif group_accuracy >= c.per_example_target:
+        keep = keep - c.per_example_step
+    return max(0.0, min(1.0, keep))
+
+
+def dropout_rows(G: int, hint_dropout: float) -> int:
+    """How many of a group's G rows get no hint: round(hint_dropout * G), at most G."""
+    return min(G, int(math.floor(hint_dropout * G + 0.5)))
+
+
 class Curriculum:
     """keep(step) for every schedule; carries the one number of adaptive state for checkpoints.
 
@@ -94,6 +110,7 @@ class Curriculum:
     def __init__(self, c: CurriculumConfig, max_steps: int):
         self.c, self.max_steps = c, max_steps
         self.adaptive_keep = 1.0
+        self.example_keep: dict[int, float] = {}  # per_example: each example's own keep (1 until observed)
 
     def _deadline(self, step: int) -> float:
         return keep_ratio(step, replace(self.c, schedule="linear"), self.max_steps)
@@ -103,15 +120,30 @@ class Curriculum:
             return min(self.adaptive_keep, self._deadline(step))  # the deadline is 1 during warmup
         return keep_ratio(step, self.c, self.max_steps)
 
+    def example_keeps(self, step: int, indices: list) -> list:
+        """keep for each example: the schedule's keep, or with per_example the smaller of it and
+        the example's own keep (the schedule is the ceiling: at schedule keep 0 no example has a hint)."""
+        keep = self.keep(step)
+        if not self.c.per_example:
+            return [keep] * len(indices)
+        return [min(keep, self.example_keep.get(i, 1.0)) for i in indices]
+
     def observe(self, step: int, accuracy: float) -> None:
         if self.c.schedule == "adaptive" and step >= self.c.warmup_steps:
             self.adaptive_keep = adaptive_update(self.keep(step), accuracy, self.c)
 
+    def observe_examples(self, indices: list, keeps: list, group_accuracies: list) -> None:
+        """per_example: move each example's own keep from the keep its group was given."""
+        if self.c.per_example:
+            for i, k, a in zip(indices, keeps, group_accuracies):
+                self.example_keep[int(i)] = per_example_update(k, a, self.c)
+
     def state_dict(self) -> dict:
-        return {"adaptive_keep": self.adaptive_keep}
+        return {"adaptive_keep": self.adaptive_keep, "example_keep": dict(self.example_keep)}
 
     def load_state_dict(self, d: dict) -> None:
         self.adaptive_keep = float(d["adaptive_keep"])
+        self.example_keep = {int(k): float(v) for k, v in d.get("example_keep", {}).items()}
 
 
 # --- cutting -------------------------------------------------------------------------------------
@@ -218,6 +250,17 @@ class PromptBuilder:
             return enc.base + enc.hint_open + hint, k
         return enc.turn_pre + hint + enc.turn_post, k
 
+    def hint_target(self, enc: EncodedExample, keep: float) -> tuple[list, list]:
+        """(context, target) for the supervised hint loss: the target is the injected text the model
+        would have to write itself (the think opener + kept trace in prefix mode, the kept trace in
+        turn mode) and the context is what precedes it. Empty target at keep 0."""
+        k = self.kept(enc, keep)
+        if k == 0:
+            return list(enc.base), []
+        if self.c.injection == "prefix":
+            return list(enc.base), enc.hint_open + enc.reasoning[:k]
+        return list(enc.turn_pre), enc.reasoning[:k]
+
     def prefix_text(self, enc: EncodedExample, keep: float) -> str:
         """The part of the assistant's response already in the prompt (prefix mode): the model's
         completion continues it; format and reasoning-length metrics read the two together."""
@@ -234,10 +277,11 @@ class PromptTooLong(ValueError):
         self.index, self.need = index, need
 
 
-def response_ids(builder: PromptBuilder, ex, enc: EncodedExample, eos_id: int) -> list:
+def response_ids(builder: PromptBuilder, ex, enc: EncodedExample, eos_id: int, with_reasoning: bool = True) -> list:
     """The full target response, tokenized the same way as prompts are built (for the supervised
-    warm-start): <think>\\n + trace + \\n</think>\\n + answer + EOS."""
+    warm-start): <think>\\n + trace + \\n</think>\\n + answer + EOS; without the trace
+    (`with_reasoning` False or an empty trace): <think>\\n</think>\\n + answer + EOS."""
     tail = builder.ids("\n" + builder.c.think_close + "\n" + ex.answer)
-    if not enc.reasoning:
+    if not enc.reasoning or not with_reasoning:
         return builder.ids(builder.c.think_open + "\n" + builder.c.think_close + "\n" + ex.answer) + [eos_id]
     return enc.hint_open + enc.reasoning + tail + [eos_id]

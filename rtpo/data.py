@@ -173,8 +173,9 @@ def load_rows(cfg: DataConfig, split: str):
         gen = GENERATED[cfg.dataset]
         seed = {"train": gen.TRAIN_SEED, "test": gen.EVAL_SEED, "warmstart": gen.WARMSTART_SEED}[split]
         size = cfg.synthetic_size if split != "test" else max(cfg.num_eval, 1)
+        extra = {"trace": cfg.trace, "modulus": cfg.modulus} if gen is synthetic else {}
         return gen.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
-                                max_operand=cfg.max_operand)
+                                max_operand=cfg.max_operand, **extra)
     if os.path.exists(cfg.dataset):
         return _load_local(cfg.dataset, split)
     if cfg.dataset.endswith(tuple(LOCAL_FORMATS)):
@@ -209,11 +210,12 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     return train, ev
 
 
-def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int) -> list[Example]:
+def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int, max_operands: int = 0) -> list[Example]:
     """Rows for the supervised warm-start, disjoint from the RL train and eval questions."""
     if cfg.dataset != "embedded":
         raise DataError("warmstart.enabled needs the embedded dataset (or a model that already knows the format); "
                         "set --warmstart.enabled false")
-    rows = synthetic.make_dataset(num, synthetic.WARMSTART_SEED, min_operands=cfg.min_operands,
-                                  max_operands=cfg.max_operands, max_operand=cfg.max_operand)
+    hi = max_operands or cfg.max_operands
+    rows = synthetic.make_dataset(num, synthetic.WARMSTART_SEED, min_operands=min(cfg.min_operands, hi),
+                                  max_operands=hi, max_operand=cfg.max_operand, trace=cfg.trace, modulus=cfg.modulus)
     return [e for e in validate_rows(rows, cfg, "embedded[warmstart]") if e.question not in exclude]

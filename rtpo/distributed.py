@@ -194,7 +194,8 @@ def broadcast_object(obj, src: int = 0):
 # Metrics of one step: how each key combines over processes. Keys computed from all-gathered
 # values (rewards, accuracy) are already global; `loss` is each process's share of the global loss;
 # clip/kl/entropy are per-token means, weighted by each process's completion tokens.
-SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups"}
+SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups",
+             "all_wrong_groups", "all_right_groups", "mean_example_keep"}
 SUM_KEYS = {"loss"}
 MAX_KEYS = {"skipped_updates"}
 TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy"}
@@ -583,6 +584,8 @@ class DistributedTrainer(Trainer):
         n = len(ro["completions"])
         adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
                                self.cfg.loss.adv_eps)
+        groups = all_gather_object((sc["group_idx"], sc["group_keeps"]))  # per-example hints see every group
+        sc.update(group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
         sc.update(rewards=rewards, accuracy=full[:, 1].tolist(),
                   per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
                   advantages=adv[self.rank * n:(self.rank + 1) * n])

@@ -80,3 +80,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", eps_low=0
         stats["entropy_sum"] = _masked(entropy.detach(), mask).sum()
     loss = LOSS_TYPES[loss_type](per_token, mask, n_seqs, n_tokens, max_len)
     return loss, stats
+
+
+def hint_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the injected hint tokens (UFT's supervised term):
+    -sum(logp * mask) / sum(mask); 0 when the mask is empty. Padding never contributes."""
+    return -_masked(logp, mask).sum() / mask.float().sum().clamp(min=1.0)

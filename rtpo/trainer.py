@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from rtpo import checkpoint as ckpt
-from rtpo.advantages import group_advantages, zero_variance_fraction
+from rtpo.advantages import group_advantages, group_outcomes, zero_variance_fraction
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
-from rtpo.curriculum import Curriculum, PromptBuilder, PromptTooLong
+from rtpo.curriculum import Curriculum, PromptBuilder, PromptTooLong, dropout_rows
 from rtpo.data import load_splits, warmstart_rows
 from rtpo.generation import SamplingConfig, generate
 from rtpo.logprobs import collate, completion_logprobs
-from rtpo.losses import policy_loss
+from rtpo.losses import hint_nll, policy_loss
 from rtpo.metrics import MetricsLog, plot_metrics
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
 from rtpo.rewards import RewardError, accuracy_reward, build_reward_functions, format_reward, score
@@ -159,7 +159,7 @@ class Trainer:
 
         c = self.cfg
         exclude = {e.question for e in self.train_rows + self.eval_rows}
-        rows = warmstart_rows(c.data, exclude, c.warmstart.num_examples)
+        rows = warmstart_rows(c.data, exclude, c.warmstart.num_examples, c.warmstart.max_operands)
         return warmstart(model, self.tok, self.builder, rows, c.warmstart, c.data, c.curriculum, self.device,
                          seed=c.warmstart.seed, log=self.log)
 
@@ -248,25 +248,40 @@ class Trainer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def rollout(self, step: int) -> dict:
+        """G completions for each of the step's prompts. Each example's prompt holds its kept hint
+        (the schedule's keep, or its own with curriculum.per_example); with hint_dropout the first
+        dropout_rows(G) rows of every group get the hint-free prompt instead. Row r belongs to group r // G."""
         c, G = self.cfg, self.cfg.rollout.num_generations
         keep = self.curriculum.keep(step)
         idx = self.batch_indices(step)
-        prompts, injected, prefixes = [], [], []
-        for i in idx:
-            ids, k = self.builder.build(self.train_enc[i], keep)
-            prompts.append(ids)
-            injected.append(k)
-            prefixes.append(self.builder.prefix_text(self.train_enc[i], keep))
+        keeps = self.curriculum.example_keeps(step, idx)
+        encs = [self.train_enc[i] for i in idx]
+        hinted = [self.builder.build(e, k) for e, k in zip(encs, keeps)]
+        plain = [self.builder.build(e, 0.0) for e in encs]
+        n0 = dropout_rows(G, c.curriculum.hint_dropout)
         sampling = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p, eos_token_ids=self.eos_ids,
                                   stop_strings=tuple(c.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
-        out = self._generate(prompts, sampling, G, generator=self.gen)
-        rows = [prompts[r // G] for r in range(len(out.completions))]
-        return {"keep": keep, "idx": idx, "prompts": rows, "completions": out.completions,
-                "finish_reasons": out.finish_reasons, "injected": injected,
-                "prefixes": [prefixes[r // G] for r in range(len(rows))],
-                "answers": [self.train_rows[idx[r // G]].answer for r in range(len(rows))],
-                "questions": [self.train_rows[idx[r // G]].question for r in range(len(rows))]}
+        # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
+        outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen) if n else None
+                for variant, n in ((plain, n0), (hinted, G - n0))]
+        rows = {k: [] for k in ("prompts", "completions", "finish_reasons", "injected", "prefixes", "row_keep")}
+        for g, (e, k) in enumerate(zip(encs, keeps)):
+            for j in range(G):
+                hint = j >= n0
+                out, r = (outs[1], g * (G - n0) + j - n0) if hint else (outs[0], g * n0 + j)
+                prompt, injected = hinted[g] if hint else plain[g]
+                rows["prompts"].append(prompt)
+                rows["completions"].append(out.completions[r])
+                rows["finish_reasons"].append(out.finish_reasons[r])
+                rows["injected"].append(injected)
+                rows["row_keep"].append(k if hint else 0.0)
+                rows["prefixes"].append(self.builder.prefix_text(e, k) if hint else "")
+        return {"keep": keep, "idx": idx, "keeps": keeps, "hint_targets": [self.builder.hint_target(e, k)
+                                                                           for e, k in zip(encs, keeps)],
+                "hinted_rows": G - n0, **rows,
+                "answers": [self.train_rows[idx[r // G]].answer for r in range(len(rows["prompts"]))],
+                "questions": [self.train_rows[idx[r // G]].question for r in range(len(rows["prompts"]))]}
 
     def score(self, ro: dict) -> dict:
         texts = [self._decode(c) for c in ro["completions"]]
@@ -283,7 +298,8 @@ class Trainer:
         acc = per_fn.get("accuracy") or accuracy_reward(texts, ro["answers"], **ctx)
         adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
                                self.cfg.loss.adv_eps)
-        return {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts}
+        return {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts,
+                "group_idx": list(ro["idx"]), "group_keeps": list(ro["keeps"])}
 
     def _micro_batches(self, rows: list) -> list:
         m = self.cfg.optim.micro_batch_size
@@ -316,7 +332,8 @@ class Trainer:
             ref = [self._logprobs_no_grad(self.ref, ro, mic) for mic in micro_of]
             stats["time_reference"] = time.perf_counter() - t1
         t_update = time.perf_counter()
-        sums = {"loss": 0.0, "tokens": 0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": [], "skipped": 0}
+        sums = {"loss": 0.0, "tokens": 0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": [], "skipped": 0,
+                "hint_nll": 0.0, "hint_batches": 0}
         self.model.train()
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
@@ -324,27 +341,21 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
                 for j, rows in enumerate(micro):
-                    batch = collate([ro["prompts"][i] for i in rows], [ro["completions"][i] for i in rows],
-                                    self.tok.pad_token_id, self.device)
-                    with self._autocast():
-                        logp, ent = self._completion_logprobs(self.model, batch)
-                    mask = batch["completion_mask"]
-                    T = mask.shape[1]
-                    old_lp = old[m][j][:, :T] if old is not None else logp.detach()
-                    ref_lp = ref[m][j][:, :T] if ref is not None else None
-                    loss, st = policy_loss(
-                        logp.float(), old_lp, sc["advantages"][rows].to(self.device), mask,
-                        loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low, eps_high=c.loss.epsilon_high,
-                        beta=c.loss.beta, ref_logp=ref_lp, entropy=ent.float() if ent is not None else None,
-                        entropy_coef=c.loss.entropy_coef, n_seqs=n_seqs, n_tokens=n_tokens,
-                        max_len=c.rollout.max_new_tokens)
+                    # the hint loss rides on the last micro batch: one forward/backward per micro batch,
+                    # as every backend (DeepSpeed's gradient accumulation included) expects
+                    hint = self._hint_rows(ro, mb) if c.loss.hint_loss and j == len(micro) - 1 else ([], [])
+                    loss, st = self._micro_loss(ro, sc, rows, hint, n_tokens, n_seqs,
+                                                old[m][j] if old is not None else None,
+                                                ref[m][j] if ref is not None else None)
                     self._backward(loss)
                     loss_total += loss.item()
                     if it == 0:
-                        sums["tokens"] += int(mask.sum().item())
+                        sums["tokens"] += st["tokens"]
                         sums["clipped"] += st["clipped_tokens"].item()
                         sums["kl"] += st.get("kl_sum", torch.tensor(0.0)).item()
                         sums["entropy"] += st["entropy_sum"].item() if "entropy_sum" in st else 0.0
+                        sums["hint_nll"] += st.get("hint_nll", 0.0)
+                        sums["hint_batches"] += "hint_nll" in st
                 grad_norm = self._clip_and_norm()
                 if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -360,9 +371,42 @@ class Trainer:
             "loss": sums["loss"] / self.updates_per_step, "grad_norm": float(np.mean(sums["grad_norm"])),
             "clip_frac": sums["clipped"] / tok, "kl": sums["kl"] / tok if c.loss.beta > 0 else None,
             "entropy": sums["entropy"] / tok, "skipped_updates": sums["skipped"],
+            "hint_nll": sums["hint_nll"] / sums["hint_batches"] if sums["hint_batches"] else None,
             "time_update": time.perf_counter() - t_update, "time_old_logprobs": t_update - t0 - stats["time_reference"],
         })
         return stats
+
+    def _micro_loss(self, ro, sc, rows, hint, n_tokens, n_seqs, old_lp, ref_lp):
+        """Loss of one micro batch: the policy-gradient loss of `rows`, plus loss.hint_loss times the
+        mean negative log-likelihood of the hint targets `hint` = (contexts, targets), computed in
+        the same forward as extra rows (they never enter the policy-gradient terms)."""
+        c, n = self.cfg, len(rows)
+        comps = [ro["completions"][i] for i in rows]
+        batch = collate([ro["prompts"][i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
+                        self.device)
+        with self._autocast():
+            logp_all, ent_all = self._completion_logprobs(self.model, batch)
+        T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
+        logp, mask = logp_all[:n, :T], batch["completion_mask"][:n, :T]
+        loss, st = policy_loss(
+            logp.float(), old_lp[:, :T] if old_lp is not None else logp.detach(),
+            sc["advantages"][rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
+            eps_high=c.loss.epsilon_high, beta=c.loss.beta, ref_logp=ref_lp[:, :T] if ref_lp is not None else None,
+            entropy=ent_all[:n, :T].float() if ent_all is not None else None, entropy_coef=c.loss.entropy_coef,
+            n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens)
+        st["tokens"] = int(mask.sum().item())
+        if hint[0]:
+            nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:])
+            loss = loss + c.loss.hint_loss * nll
+            st["hint_nll"] = nll.item()
+        return loss, st
+
+    def _hint_rows(self, ro, rows) -> tuple[list, list]:
+        """(contexts, targets) of the hint loss for the groups that start in `rows` and carry a hint."""
+        G = self.cfg.rollout.num_generations
+        pairs = [ro["hint_targets"][i // G] for i in rows if i % G == 0]
+        pairs = [(ctx, tgt) for ctx, tgt in pairs if tgt]
+        return [p for p, _ in pairs], [t for _, t in pairs]
 
     def _completion_logprobs(self, model, batch, with_entropy=True):
         return completion_logprobs(model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
@@ -393,13 +437,20 @@ class Trainer:
         G = self.cfg.rollout.num_generations
         acc = float(np.mean(sc["accuracy"]))
         self.curriculum.observe(step, acc)
+        per_group = torch.tensor(sc["accuracy"], dtype=torch.float32).view(-1, G)
+        # an example's own keep follows the rows that carried its hint (all rows if dropout took them all)
+        hinted = per_group[:, G - ro["hinted_rows"]:] if ro["hinted_rows"] else per_group
+        self.curriculum.observe_examples(sc["group_idx"], sc["group_keeps"], hinted.mean(1).tolist())
+        all_wrong, all_right = group_outcomes(per_group)
         comp_lens = [len(x) for x in ro["completions"]]
         row = {
             "step": step, "keep": ro["keep"], "injected_tokens": float(np.mean(ro["injected"])),
+            "mean_example_keep": float(np.mean(sc["group_keeps"])),
             "completion_tokens": float(np.mean(comp_lens)),
             "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in ro["completions"]])),
             "reward": float(sc["rewards"].mean()), "reward_std": float(sc["rewards"].std()),
             "accuracy": acc, "zero_var_groups": zero_variance_fraction(sc["rewards"], G),
+            "all_wrong_groups": all_wrong, "all_right_groups": all_right,
             "truncated_completions": float(np.mean([r == "length" for r in ro["finish_reasons"]])),
         }
         for name, vals in sc["per_fn"].items():
@@ -502,6 +553,7 @@ class Trainer:
                 metrics.write(row)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", keep=f"{row['keep']:.2f}",
+                                wrong=f"{row['all_wrong_groups']:.2f}", right=f"{row['all_right_groups']:.2f}",
                                 len=f"{row['completion_tokens']:.0f}", refresh=False)
                 self.step += 1
                 self._track_skips(row)

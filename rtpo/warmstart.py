@@ -28,8 +28,9 @@ def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
     blob = json.dumps({
         "model": model.config.to_dict(), "vocab": len(tokenizer), "init": weights.hexdigest(),
         "rows": hashlib.sha256("\n".join(e.question for e in examples).encode()).hexdigest(),
-        "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed")},
-        "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt")},
+        "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed",
+                                                   "reasoning_fraction", "max_operands")},
+        "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt", "trace", "modulus")},
         "think": [cc.think_open, cc.think_close], "version": 2,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -51,9 +52,10 @@ def sft_batch(seqs: list, pad_id: int, device):
 
 def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, seed=0, log=print):
     """AdamW on response tokens only, cosine LR decay. Returns the final mean loss."""
-    encs = [(ex, builder.encode(ex)) for ex in examples]
-    data = [(enc.base, response_ids(builder, ex, enc, tokenizer.eos_token_id)) for ex, enc in encs]
     rng = random.Random(seed)
+    encs = [(ex, builder.encode(ex)) for ex in examples]
+    data = [(enc.base, response_ids(builder, ex, enc, tokenizer.eos_token_id,
+                                    with_reasoning=rng.random() < wc.reasoning_fraction)) for ex, enc in encs]
     opt = torch.optim.AdamW(model.parameters(), lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))

@@ -48,3 +48,10 @@ def test_groups_must_divide():
     """A reward count that is not a multiple of G is an error, not a silent misgrouping."""
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
+
+
+def test_group_outcomes_split_zero_variance_groups_into_all_wrong_and_all_right():
+    from rtpo.advantages import group_outcomes
+
+    acc = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 0], [0, 0, 0]], dtype=torch.float32)
+    assert group_outcomes(acc) == (0.5, 0.25)

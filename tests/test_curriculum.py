@@ -185,3 +185,60 @@ def test_adaptive_never_lags_the_linear_anneal():
     for s in range(4):
         high.observe(s, 1.0)  # warmup steps 0, 1 leave it at 1; steps 2, 3 lower it by 0.3 each
     assert high.keep(4) == pytest.approx(0.4) and keep_ratio(4, lin, 10) == pytest.approx(2 / 3)
+
+
+# --- hints that adapt to each example ----------------------------------------------------------
+def test_per_example_update_grows_after_all_wrong_and_shrinks_after_success():
+    """An example's own keep: +step after an all-wrong group, -step at accuracy >= target, else held;
+    always in [0, 1]."""
+    from rtpo.curriculum import per_example_update
+
+    c = cc(per_example_step=0.25, per_example_target=0.5)
+    assert per_example_update(0.5, 0.0, c) == 0.75
+    assert per_example_update(0.5, 0.5, c) == 0.25
+    assert per_example_update(0.5, 0.25, c) == 0.5
+    assert per_example_update(0.9, 0.0, c) == 1.0 and per_example_update(0.1, 1.0, c) == 0.0
+
+
+def test_per_example_keep_is_capped_by_the_schedule_and_checkpointed():
+    """With per_example, keep_i = min(schedule keep, own keep): examples that succeed lose their hint
+    ahead of the schedule, and when the schedule reaches 0 no example has a hint. The own keeps are
+    part of the state dict (exact resume)."""
+    c = cc(schedule="linear", anneal_steps=10, per_example=True, per_example_step=0.5, per_example_target=0.5)
+    cur = Curriculum(c, 20)
+    assert cur.example_keeps(0, [3, 7]) == [1.0, 1.0]
+    cur.observe_examples([3, 7], [1.0, 1.0], [1.0, 0.0])  # 3 solved its group, 7 failed all
+    assert cur.example_keeps(2, [3, 7]) == pytest.approx([0.5, 0.8])
+    cur.observe_examples([3], [0.5], [0.0])  # 3 failed at keep 0.5: back to 1, capped by the schedule
+    assert cur.example_keeps(5, [3]) == pytest.approx([0.5])
+    assert cur.example_keeps(10, [3, 7, 11]) == [0.0, 0.0, 0.0]
+    again = Curriculum(c, 20)
+    again.load_state_dict(cur.state_dict())
+    assert again.example_keeps(4, [3, 7, 11]) == cur.example_keeps(4, [3, 7, 11])
+    plain = Curriculum(cc(schedule="linear", anneal_steps=10), 20)
+    plain.observe_examples([3], [1.0], [1.0])
+    assert plain.example_keeps(2, [3]) == [plain.keep(2)]  # off: the schedule alone
+
+
+def test_dropout_rows_rounds_to_the_nearest_row():
+    from rtpo.curriculum import dropout_rows
+
+    assert [dropout_rows(8, d) for d in (0.0, 0.1, 0.125, 0.25, 0.5, 1.0)] == [0, 1, 1, 2, 4, 8]
+
+
+def test_hint_target_is_exactly_the_injected_text():
+    """The hint loss target is what the hinted prompt adds to the evaluation prompt (prefix mode:
+    the think opener + the kept trace; turn mode: the kept trace), and nothing at keep 0."""
+    tok = build_tokenizer()
+    ex = Example("Compute 1+2+3.", "1+2+3\n3+3\n6", "6", 0)
+    for injection in ("prefix", "turn"):
+        b = PromptBuilder(tok, cc(injection=injection), 512)
+        enc = b.encode(ex)
+        ctx, tgt = b.hint_target(enc, 0.5)
+        prompt, k = b.build(enc, 0.5)
+        assert k > 0 and tgt[-k:] == enc.reasoning[:k]
+        if injection == "prefix":
+            assert ctx + tgt == prompt
+        else:
+            assert prompt[:len(ctx) + len(tgt)] == ctx + tgt
+        assert b.hint_target(enc, 0.0) == (enc.base, [])

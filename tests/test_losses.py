@@ -127,3 +127,21 @@ def test_k3_kl_nonnegative_and_zero_at_equality():
     b = torch.randn(1000)
     assert (k3_kl(a, b) >= 0).all()
     assert torch.equal(k3_kl(a, a), torch.zeros(1000))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hint_nll_is_the_mean_negative_loglik_of_hint_tokens(seed):
+    """hint_nll = -mean of log-probs over masked tokens, against a float64 loop; padding poisoned with
+    inf/nan changes nothing; an empty mask gives 0."""
+    from rtpo.losses import hint_nll
+
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
+    mask = (torch.rand(4, 6, generator=g) > 0.4).float()
+    mask[0, 0] = 1
+    want = -sum(logp[i, t].item() for i in range(4) for t in range(6) if mask[i, t]) / mask.sum().item()
+    poisoned = logp.clone()
+    poisoned[mask == 0] = float("nan")
+    poisoned[(mask == 0) & (torch.arange(6) % 2 == 0)] = float("-inf")
+    assert hint_nll(poisoned.float(), mask).item() == pytest.approx(want, rel=1e-6)
+    assert hint_nll(logp, torch.zeros_like(mask)).item() == 0.0

@@ -112,3 +112,48 @@ def test_saved_embedded_tokenizer_reloads_identically(tmp_path):
     text = "<think>\n23+29=52\n52-4=48\n</think>\n48<|im_end|>"
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.chat_template == tok.chat_template and again.padding_side == "left"
+
+
+def test_hint_dropout_rows_get_the_evaluation_prompt(tmp_path):
+    """With hint_dropout the first round(d * G) rows of each group are prompted with the evaluation
+    prompt (no hint) and the rest with the hinted one; the groups' metrics split all-wrong/all-right."""
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--G", "4", "--curriculum.hint_dropout", "0.5"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    for g, i in enumerate(ro["idx"]):
+        eval_prompt, _ = t.builder.build(t.train_enc[i], 0.0)
+        hinted, k = t.builder.build(t.train_enc[i], ro["keeps"][g])
+        assert k > 0 and ro["prompts"][4 * g:4 * g + 4] == [eval_prompt] * 2 + [hinted] * 2
+        assert ro["injected"][4 * g:4 * g + 4] == [0, 0, k, k]
+    row = t.train_step(0)
+    assert 0 <= row["all_wrong_groups"] + row["all_right_groups"] <= 1
+
+
+def test_resume_is_exact_with_per_example_hints_dropout_and_hint_loss(tmp_path):
+    """The adaptive-hint knobs keep resume exact: per-example keeps are checkpointed, and the hint loss
+    enters the update (its metric is logged) — 4 steps == 2 + resume + 2."""
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    knobs = ("--curriculum.per_example", "true", "--curriculum.hint_dropout", "0.34", "--loss.hint_loss", "0.5",
+             "--curriculum.per_example_step", "0.5", "--optim.mini_batches", "2")
+    run(tiny_args(a, cache, *knobs))
+    run(tiny_args(b, cache, *knobs, "--run.stop_after_steps", "2"))
+    run(tiny_args(b, cache, *knobs, "--resume", "auto"))
+    ra, rb = (strip_times(read_metrics(d / "metrics.jsonl")) for d in (a, b))
+    assert ra == rb
+    assert any(r.get("hint_nll") for r in ra) and "mean_example_keep" in ra[0]
+
+
+def test_hint_loss_changes_the_update_only_through_hint_tokens(tmp_path):
+    """hint_loss 0 and > 0 give the same policy-gradient metrics at step 0 (same rollouts), but
+    different weights after it: the supervised term adds gradient."""
+    outs = []
+    for w in ("0", "1.0"):
+        cfg = parse_args(tiny_args(tmp_path / f"r{w}", tmp_path / "cache", "--loss.hint_loss", w, "--max_steps", "1",
+                                   "--eval.num_examples", "0"))
+        t = Trainer(cfg, log=lambda m: None)
+        row = t.train_step(0)
+        outs.append((row, [p.detach().clone() for p in t.model.parameters()]))
+    (r0, w0), (r1, w1) = outs
+    assert r0["reward"] == r1["reward"] and r0["clip_frac"] == r1["clip_frac"]
+    assert r0["hint_nll"] is None and r1["hint_nll"] > 0
+    assert any(not torch.equal(x, y) for x, y in zip(w0, w1))
