@@ -10,6 +10,7 @@
 Every config key is listed in README.md (config reference); `--help` prints the defaults.
 """
 
+import errno
 import json
 import sys
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     from rtpo.trainer import TrainingError
 
     argv = strip_launcher_args(argv)  # the `deepspeed` launcher's --local_rank=N
+    trainer = None
     try:
         cfg = parse_args(argv)
         trainer = make_trainer(cfg)  # plain, DeepSpeed or DDP: see rtpo/distributed.py
@@ -37,6 +39,18 @@ def main(argv=None) -> int:
     except TrainingError as e:  # e.g. repeated non-finite updates; the last good state was saved
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
+    except OSError as e:  # a file-system fault (unreadable file, full disk, read-only folder): 2 in setup, 3 later
+        print(f"error: {_os_error(e, trainer is None)}", file=sys.stderr)
+        return 2 if trainer is None else 3
+    except ModuleNotFoundError as e:  # an optional package a feature needs
+        if not e.name or e.name.split(".")[0] in ("rtpo", "kernels"):
+            raise  # our own module: a bug, keep the traceback
+        print(f"error: {_one_line(e)}; install the package {_PIP_NAMES.get(e.name, e.name)!r} (pip install -e "
+              '".[dev]" has every optional one)', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one during it
+        print(f"error: {_one_line(e) or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         shutdown()
     if is_main_process():
@@ -44,9 +58,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: BaseException) -> str:
     """The message on one line, so that `error: ...` is the whole report (a library's text may wrap)."""
     return " ".join(str(e).split())
+
+
+_PIP_NAMES = {"yaml": "pyyaml"}  # import name -> pip name, where they differ
+
+
+def _os_error(e: OSError, setup: bool) -> str:
+    """The file and the system's reason, then what to do (errno names the class of fault)."""
+    what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e)
+    fix = ("check that path and its permissions" if setup
+           else "fix that (free space, permissions), then continue with --resume auto")
+    return f"{what} ({errno.errorcode.get(e.errno, 'OSError')}); {fix}"
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ TRL's own scoring (rewards -> advantages) and loss with the real model forward o
 
 Needs TRL, installed only in a benchmark venv (`pip install -e ".[bench]"`), never by rtpo:
 
-  python3 -m venv /work/venv-bench && /work/venv-bench/bin/pip install torch==2.13.0 \
-      && /work/venv-bench/bin/pip install -e ".[bench]"
-  /work/venv-bench/bin/python benchmarks/bench_vs_trl.py [--quick] [--steps 8] [--threads 1,2]
+  python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \
+      && .venv-bench/bin/pip install -e ".[bench]"
+  .venv-bench/bin/python benchmarks/bench_vs_trl.py [--quick] [--steps 8] [--threads 1,2]
 """
 
 from __future__ import annotations

@@ -1,27 +1,34 @@
-"""Does the method work? RTPO against plain GRPO on the embedded task, equal budgets, several seeds.
+"""Does the method work? RTPO against plain GRPO, equal budgets, several seeds, paired by seed.
 
-Arms (everything else is the project's default config, so this compares whatever the defaults are
-when it is run; `--lr` and `--set key=value` override them for every arm alike):
+Regimes (`--regime`): `hard` (default; `--preset hard`, where plain GRPO starves: most groups are all
+wrong at the start) and `default` (the project defaults, `python train.py`'s task).
 
-  grpo           curriculum.schedule none      no hint at any step (plain GRPO)
-  rtpo_linear    curriculum.schedule linear    full trace at step 0, cut linearly to none
-  rtpo_cosine    curriculum.schedule cosine    the same with the cosine schedule (the default)
-  rtpo_adaptive  curriculum.schedule adaptive  keep falls by adaptive_step after steps whose batch
-                                               accuracy >= adaptive_target, never above the linear anneal
+Arms (`--arms`, default the first four):
+
+  grpo              curriculum.schedule none       no hint at any step (plain GRPO)
+  rtpo_cosine       curriculum.schedule cosine     full trace at step 0, cut (cosine) to none
+  rtpo_per_example  cosine + per_example + hint_dropout 0.25
+                                                   each example's hint follows its own groups (longer
+                                                   after all-wrong, shorter after success), capped by
+                                                   the cosine; a quarter of every group has no hint
+  rtpo_hint_loss    cosine + loss.hint_loss 1      plus a log-likelihood loss on the injected hint (UFT)
+  rtpo_linear       curriculum.schedule linear
+  rtpo_adaptive     curriculum.schedule adaptive   keep falls while batch accuracy >= target
 
 Equal budget: the same number of steps, prompts per step and G (so the same number of sampled
 completions and optimizer updates), the same warm-started model (warmstart.seed is fixed), and per
 seed the same prompt order and sampling seed in every arm (so arms are paired by seed). RTPO prompts
 hold the hint, so its steps cost a little more compute: the wall time is reported.
 
-Measured: held-out accuracy with NO hint (greedy, `--eval-examples` rows, every `--eval-every`
-steps), training reward and accuracy, generated reasoning tokens (training rollouts, and held-out
-without hint), keep ratio. One PNG of the curves (mean over seeds, band = +-1 std), a JSON with every
-run's per-step metrics, and a table (mean +- std over seeds) printed last.
+Measured: held-out accuracy with NO hint (greedy, every `--eval-every` steps), the all-wrong group
+fraction, training reward and accuracy, generated reasoning tokens (training rollouts, and held-out
+without hint), keep. One PNG of the curves (mean over seeds, band = +-1 std), a JSON with every run's
+per-step metrics, and a table printed last: mean +- std over seeds and the paired difference to GRPO
+with its 95 % t-interval.
 
-  python benchmarks/rtpo_vs_grpo.py                 # full: 120 steps x 4 arms x 3 seeds
+  python benchmarks/rtpo_vs_grpo.py                 # hard regime, 4 arms x 3 seeds
   python benchmarks/rtpo_vs_grpo.py --quick         # 24 steps x 4 arms x 2 seeds, smaller eval
-  python benchmarks/rtpo_vs_grpo.py --lr 5e-5 --seeds 1,2,3,4 --set rollout.num_generations=16
+  python benchmarks/rtpo_vs_grpo.py --regime default --arms grpo,rtpo_cosine
 """
 
 from __future__ import annotations
@@ -41,26 +48,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARMS = {
     "grpo": ["--curriculum.schedule", "none"],
-    "rtpo_linear": ["--curriculum.schedule", "linear"],
     "rtpo_cosine": ["--curriculum.schedule", "cosine"],
+    "rtpo_per_example": ["--curriculum.schedule", "cosine", "--curriculum.per_example", "true",
+                         "--curriculum.hint_dropout", "0.25"],
+    "rtpo_hint_loss": ["--curriculum.schedule", "cosine", "--loss.hint_loss", "1.0"],
+    "rtpo_linear": ["--curriculum.schedule", "linear"],
     "rtpo_adaptive": ["--curriculum.schedule", "adaptive"],
 }
-STEP_KEYS = ("step", "keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens", "completion_tokens",
-             "zero_var_groups", "clip_frac", "entropy", "grad_norm", "time_step")
+DEFAULT_ARMS = ["grpo", "rtpo_cosine", "rtpo_per_example", "rtpo_hint_loss"]
+REGIMES = {"hard": ["--preset", "hard"], "default": []}
+STEP_KEYS = ("step", "keep", "mean_example_keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens",
+             "completion_tokens", "zero_var_groups", "all_wrong_groups", "all_right_groups", "hint_nll", "clip_frac",
+             "entropy", "grad_norm", "time_step")
 EVAL_KEYS = ("eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens")
-FULL = {"steps": None, "seeds": "1,2,3", "eval_examples": 512, "eval_every": 20}   # None: the project default
+FULL = {"steps": None, "seeds": "1,2,3", "eval_examples": 256, "eval_every": 20}   # None: the regime's default
 QUICK = {"steps": 24, "seeds": "1,2", "eval_examples": 128, "eval_every": 12}
 
 
 def trainer_argv(arm: str, seed: int, out: str, args) -> list:
     """The run's overrides on top of the project defaults. More held-out rows than data.num_eval
     change the held-out set, hence the warm-start's rows: one more warm-start is built (and cached)."""
-    from rtpo.config import DataConfig
+    from rtpo.config import parse_args
 
-    argv = ["--run.output_dir", out, "--run.overwrite", "true", "--run.seed", str(seed),
+    argv = REGIMES[args.regime] + ["--run.output_dir", out, "--run.overwrite", "true", "--run.seed", str(seed),
             "--log.progress", "false", "--log.plot", "false", "--checkpoint.every", "0",
             "--eval.num_examples", str(args.eval_examples), "--eval.every", str(args.eval_every)]
-    if args.eval_examples > DataConfig().num_eval:  # hold out more rows; fewer: evaluate on the first ones
+    if args.eval_examples > parse_args(REGIMES[args.regime]).data.num_eval:  # hold out more rows; fewer: the first ones
         argv += ["--data.num_eval", str(args.eval_examples)]
     if args.steps:
         argv += ["--run.max_steps", str(args.steps)]
@@ -114,6 +127,20 @@ def _window_mean(steps, key, lo, hi):
     return statistics.mean(vals) if vals else None
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (a paired difference over n seeds has n - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(xs: list) -> tuple:
+    """(mean, half-width of the 95 % t-interval) of paired differences; half-width None for one value."""
+    if len(xs) < 2:
+        return statistics.mean(xs), None
+    df = len(xs) - 1
+    t = T975[max(k for k in T975 if k <= df)]  # rounding df down: a slightly wider, conservative interval
+    return statistics.mean(xs), t * statistics.stdev(xs) / len(xs) ** 0.5
+
+
 def summarize(runs: list, arms: list, first_n: int) -> list:
     """One row per arm: mean +- std over seeds; accuracy differences to GRPO are paired by seed."""
     by = {(r["arm"], r["seed"]): r for r in runs}
@@ -132,6 +159,8 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
             "reasoning_last": [_window_mean(r["steps"], "reasoning_tokens", n - first_n, n) for r in rs],
             "keep_mean": [_window_mean(r["steps"], "keep", 0, n) for r in rs],
             "keep_final": [r["steps"][-1]["keep"] for r in rs],
+            "all_wrong_first20": [_window_mean(r["steps"], "all_wrong_groups", 0, 20) for r in rs],
+            "all_wrong_last": [_window_mean(r["steps"], "all_wrong_groups", n - first_n, n) for r in rs],
             "wall_s": [r["wall_s"] for r in rs],
         }
         if arm != "grpo" and all(("grpo", r["seed"]) in by for r in rs):
@@ -140,6 +169,11 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
         row = {"arm": arm, "seeds": [r["seed"] for r in rs], "per_seed": per}
         for k, v in per.items():
             row[k] = _ms(v)
+        if "d_final_acc" in per:
+            d_eval_reason = [r["evals"][-1].get("eval/reasoning_tokens", 0) -
+                             by[("grpo", r["seed"])]["evals"][-1].get("eval/reasoning_tokens", 0) for r in rs]
+            row["d_final_acc_ci95"] = t_interval(per["d_final_acc"])
+            row["d_eval_reasoning_ci95"] = t_interval(d_eval_reason)
         rows.append(row)
     return rows
 
@@ -153,27 +187,34 @@ def fmt(ms, digits=3, pct=False):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _ci(mh, scale=1.0, digits=1):
+    m, h = mh if mh else (None, None)
+    if m is None:
+        return "-"
+    return f"{scale * m:+.{digits}f} ± {scale * h:.{digits}f}" if h is not None else f"{scale * m:+.{digits}f}"
+
+
 def print_table(rows, meta):
-    print(f"\n## RTPO vs GRPO on the embedded task: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
+    print(f"\n## RTPO vs GRPO, {meta['regime']} regime: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
           f"G={meta['G']}, lr {meta['lr']:g}, {len(meta['seeds'])} seeds {meta['seeds']}; held-out accuracy with "
-          f"no hint on {meta['eval_examples']} rows (greedy), mean ± std over seeds; 'first'/'last' = "
-          f"mean over the first/last {meta['first_n']} steps")
+          f"no hint on {meta['eval_examples']} rows (greedy), mean ± std over seeds; Δ = paired difference to GRPO "
+          f"± 95 % t-interval half-width; 'last' = mean over the last {meta['first_n']} steps")
     print(f"start (warm-started model, same for all arms): no-hint accuracy {fmt(rows[0]['start_acc'], pct=True)} %")
-    hdr = (f"{'arm':14} {'final acc %':>13} {'Δ vs GRPO (pp)':>15} {'reward first':>14} {'reward last':>14} "
-           f"{'train acc last':>15} {'reason tok last':>16} {'eval reason tok':>16} {'mean keep':>10} {'wall s/run':>11}")
+    hdr = (f"{'arm':17} {'final acc %':>13} {'Δ acc vs GRPO (pp)':>19} {'all-wrong 0-20':>15} {'all-wrong last':>15} "
+           f"{'train acc last':>15} {'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'wall s/run':>11}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        d = r.get("d_final_acc")
-        dtxt = f"{100 * d[0]:+5.1f} ± {100 * d[1]:4.1f}" if d and d[0] is not None else "-"
-        print(f"{r['arm']:14} {fmt(r['final_acc'], pct=True):>13} {dtxt:>15} {fmt(r['reward_first']):>14} "
-              f"{fmt(r['reward_last']):>14} {fmt(r['acc_last']):>15} {fmt(r['reasoning_last'], 1):>16} "
-              f"{fmt(r['final_eval_reasoning'], 1):>16} {fmt(r['keep_mean'], 2):>10} {fmt(r['wall_s'], 0):>11}")
+        print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>19} "
+              f"{fmt(r['all_wrong_first20'], 2):>15} {fmt(r['all_wrong_last'], 2):>15} {fmt(r['acc_last']):>15} "
+              f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
+              f"{fmt(r['keep_mean'], 2):>10} {fmt(r['wall_s'], 0):>11}")
 
 
 # ----------------------------------------------------------------------------- plot
 
-COLORS = {"grpo": "tab:gray", "rtpo_linear": "tab:blue", "rtpo_cosine": "tab:orange", "rtpo_adaptive": "tab:green"}
+COLORS = {"grpo": "tab:gray", "rtpo_cosine": "tab:orange", "rtpo_per_example": "tab:green",
+          "rtpo_hint_loss": "tab:red", "rtpo_linear": "tab:blue", "rtpo_adaptive": "tab:purple"}
 
 
 STYLES = {"rtpo_adaptive": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
@@ -192,12 +233,13 @@ def plot(runs, arms, path, title, smooth=None):
 
     if smooth is None:  # a trailing moving mean over ~1/24 of the run (none for short runs)
         smooth = max(1, len(runs[0]["steps"]) // 24)
+    sm = f" (moving mean of {smooth})" if smooth > 1 else ""
     panels = [("evals", "eval/accuracy", "held-out accuracy, no hint (greedy)"),
-              ("steps", "reward", "training reward" + (f" (moving mean of {smooth})" if smooth > 1 else "")),
-              ("steps", "keep", "keep ratio (hint fraction)"),
+              ("steps", "all_wrong_groups", "all-wrong groups (no signal)" + sm),
+              ("steps", "mean_example_keep", "keep ratio (mean hint fraction given)"),
               ("steps", "reasoning_tokens", "generated reasoning tokens, training" + (f" (mean of {smooth})" if smooth > 1 else "")),
               ("evals", "eval/reasoning_tokens", "generated reasoning tokens, held-out no hint"),
-              ("steps", "accuracy", "training accuracy" + (f" (moving mean of {smooth})" if smooth > 1 else ""))]
+              ("steps", "accuracy", "training accuracy" + sm)]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for ax, (src, key, name) in zip(axes.flat, panels):
         for arm in arms:
@@ -206,7 +248,7 @@ def plot(runs, arms, path, title, smooth=None):
                 continue
             x = [p["step"] for p in rs[0][src]]
             ys = np.array([[p.get(key) if p.get(key) is not None else np.nan for p in r[src]] for r in rs], float)
-            if src == "steps" and key != "keep" and smooth > 1:
+            if src == "steps" and "keep" not in key and smooth > 1:
                 k = np.ones(smooth) / smooth
                 ys = np.array([np.convolve(np.pad(y, (smooth - 1, 0), mode="edge"), k, mode="valid") for y in ys])
             m, s = np.nanmean(ys, 0), np.nanstd(ys, 0)
@@ -240,7 +282,8 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="24 steps, 2 seeds, 128 eval rows (under 5 min on 2 cores)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: run.max_steps)")
     ap.add_argument("--seeds", default=None, help="comma-separated run seeds (default 1,2,3)")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    ap.add_argument("--regime", default="hard", choices=list(REGIMES), help="hard (--preset hard) or default")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     ap.add_argument("--lr", type=float, default=None, help="optim.lr for every arm (default: the project default)")
     ap.add_argument("--eval-examples", type=int, default=None, help="held-out rows (default 512: SE ~2 pp)")
     ap.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 20)")
@@ -257,8 +300,8 @@ def parse(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.out is None:
-        args.out = os.path.join(ROOT, "benchmarks", "results", "rtpo_vs_grpo_quick.json" if args.quick
-                                else "rtpo_vs_grpo.json")
+        args.out = os.path.join(ROOT, "benchmarks", "results",
+                                f"rtpo_vs_grpo_{args.regime}" + ("_quick" if args.quick else "") + ".json")
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
@@ -286,13 +329,13 @@ def main(argv=None):
     c = runs[0]["config"]
     n = len(runs[0]["steps"])
     first_n = max(1, min(10, n // 4))
-    meta = {"steps": n, "prompts_per_step": c["rollout"]["prompts_per_step"], "G": c["rollout"]["num_generations"],
+    meta = {"regime": args.regime, "steps": n, "prompts_per_step": c["rollout"]["prompts_per_step"], "G": c["rollout"]["num_generations"],
             "lr": c["optim"]["lr"], "seeds": seeds, "eval_examples": args.eval_examples, "first_n": first_n}
     rows = summarize(runs, arms, first_n)
     total = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     png = plot(runs, arms, os.path.splitext(args.out)[0] + ".png",
-               f"RTPO vs GRPO, embedded task: {n} steps x {meta['prompts_per_step']} prompts x G={meta['G']}, "
+               f"RTPO vs GRPO, {args.regime} regime: {n} steps x {meta['prompts_per_step']} prompts x G={meta['G']}, "
                f"lr {meta['lr']:g}, seeds {seeds} (band: ±1 std over seeds)")
     rl_hparams = {"run.max_steps": c["run"]["max_steps"], "rollout": c["rollout"], "loss": c["loss"],
                   "optim": c["optim"], "rewards": c["rewards"], "curriculum (non-schedule)":

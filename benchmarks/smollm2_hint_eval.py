@@ -4,7 +4,11 @@ Greedy accuracy on held-out word problems (rtpo/wordproblems.py) with the reason
 keep = 1 (whole trace, which ends by stating the answer), 0.5 (first half of its tokens) and 0 (no
 hint: the evaluation prompt), before and after an RTPO run of `--steps` steps with the `smollm2`
 preset. Accuracy is scored as in training: on the injected hint + the completion, the answer after
-`</think>` if the response has one, else the stated/last number.
+`</think>` if the response has one, else the stated/last number. The evaluation is rtpo.eval's
+(`evaluate_keeps`); without the training part, the same table is one command each:
+
+    python -m rtpo.eval smollm2-135m --preset smollm2 --keep 1,0.5,0 --num-examples 64     # before RL
+    python -m rtpo.eval runs/smollm2 --keep 1,0.5,0 --num-examples 64   # after train.py --preset smollm2 --output_dir runs/smollm2
 
     python benchmarks/smollm2_hint_eval.py [--steps 24] [--num-eval 64] [--key value ...]
 
@@ -23,49 +27,20 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rtpo.config import parse_args  # noqa: E402
-from rtpo.rewards import accuracy_reward, format_reward  # noqa: E402
+from rtpo.eval import evaluate_keeps  # noqa: E402
 from rtpo.trainer import Trainer  # noqa: E402
 
 KEEPS = (1.0, 0.5, 0.0)
 
 
-@torch.no_grad()
-def accuracy_at_keep(tr: Trainer, keep: float, n: int, samples: int = 3) -> dict:
-    """Greedy accuracy on the first n held-out rows with the trace injected at this keep ratio."""
-    encs, rows = tr.eval_enc[:n], tr.eval_rows[:n]
-    prefixes = [tr.builder.prefix_text(enc, keep) for enc in encs]
-    comps, reasons = tr.greedy_completions([tr.builder.build(enc, keep)[0] for enc in encs])
-    texts = [tr._decode(c) for c in comps]
-    responses = [p + t for p, t in zip(prefixes, texts)]
-    answers = [r.answer for r in rows]
-    kw = dict(responses=responses, think_open=tr.cfg.curriculum.think_open, think_close=tr.cfg.curriculum.think_close)
-    acc = accuracy_reward(texts, answers, **kw)
-    return {
-        "keep": keep, "accuracy": float(np.mean(acc)), "correct": int(sum(acc)), "n": len(acc),
-        "format": float(np.mean(format_reward(texts, answers, finish_reasons=reasons, **kw))),
-        "completion_tokens": float(np.mean([len(c) for c in comps])),
-        "injected_tokens": float(np.mean([tr.builder.kept(enc, keep) for enc in encs])),
-        "samples": [{"question": rows[i].question, "answer": answers[i], "hint": prefixes[i], "completion": texts[i],
-                     "correct": bool(acc[i])} for i in range(min(samples, len(rows)))],
-    }
-
-
 def evaluate_all(tr, n, log):
-    out = {}
-    for keep in KEEPS:
-        t0 = time.perf_counter()
-        r = accuracy_at_keep(tr, keep, n)
-        r["seconds"] = time.perf_counter() - t0
-        log(f"  keep {keep:.1f}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}), format {r['format']:.2f}, "
-            f"{r['completion_tokens']:.0f} completion tokens, {r['seconds']:.0f} s")
-        out[str(keep)] = r
-    return out
+    """rtpo.eval at keep 1 / 0.5 / 0 on the first n held-out rows, keyed by str(keep)."""
+    return {str(r["keep"]): r for r in evaluate_keeps(tr, KEEPS, n, progress=False, samples=3, log=log)}
 
 
 def main(argv=None) -> int:

@@ -1,24 +1,57 @@
-"""Atomic checkpoints: written into a temporary folder, fsynced, then renamed into place.
+"""Atomic, verified checkpoints: written into a temporary folder with a manifest, fsynced, then renamed into place.
 
-Layout: <run>/checkpoints/step_000050/{model files, tokenizer files, trainer_state.pt}. A folder
-named step_* is complete by construction (rename is atomic); a crash mid-save leaves only a
-.tmp-* folder, which is ignored and cleaned up by the next save.
+Layout: <run>/checkpoints/step_000050/{model files, tokenizer files, trainer_state.pt, manifest.json}.
+A folder named step_* was complete when it was renamed into place (a crash mid-save leaves only a
+.tmp-* folder, ignored and cleaned up by the next save); manifest.json, written last, holds every
+file's size and SHA-256, so damage done later (a truncated copy, a deleted file) is found before
+resuming instead of failing inside torch or transformers.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import re
 import shutil
+import signal
 import time
+import zipfile
 
 import torch
 
 CKPT_DIR = "checkpoints"
-_STEP = re.compile(r"^step_(\d+)$")
+_STEP = re.compile(r"^(?:\.replaced-)?step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
+class CheckpointError(Exception):
+    """A checkpoint cannot be resumed from; the message names the folder or file and what is wrong."""
+
+
+# --- test hook: the crash-anywhere test kills the process at chosen write moments -------------------
+_moments: list = []
+
+
+def crash_point(moment: str) -> None:
+    """With RTPO_TEST_CRASH_AT=N this process SIGKILLs itself at its N-th write moment; with
+    RTPO_TEST_CRASH_AT=TEXT:N, at the N-th moment whose name contains TEXT. It names the moment on
+    stderr first. Without the variable (every real run) it does nothing."""
+    at = os.environ.get("RTPO_TEST_CRASH_AT")
+    if not at:
+        return
+    _moments.append(moment)
+    text, _, n = at.rpartition(":")
+    if sum(text in m for m in _moments) == int(n):
+        os.write(2, f"[rtpo-test] SIGKILL at: {moment}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- durability -----------------------------------------------------------------------------------
 def _fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for name in files:
@@ -35,52 +68,200 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def replace_file(path: str, write) -> None:
+    """write(tmp_path), fsync, then rename over `path`: a reader (or a resumed run) finds the old
+    file or the new one, never a torn one. One writer per run folder (the run lock), so the tmp
+    name is fixed and a killed writer's leftover is simply overwritten."""
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    crash_point(f"{os.path.basename(path)}: written, not yet renamed")
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+
+    replace_file(path, write)
+
+
+# --- manifest and verification --------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str, step: int) -> None:
+    """manifest.json: every file of the folder (relative path -> bytes, sha256)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(root, name)
+            files[os.path.relpath(p, folder)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
+
+
+def verify(path: str) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of checkpoint `path`."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        return _verify_without_manifest(path)
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        for rel, want in sorted(files.items()):
+            p = os.path.join(path, rel)
+            if not os.path.isfile(p):
+                raise CheckpointError(f"{p} is missing")
+            size = os.path.getsize(p)
+            if size != want["bytes"]:
+                raise CheckpointError(f"{p} has {size} bytes, its manifest says {want['bytes']} "
+                                      "(truncated or replaced)")
+            if _sha256(p) != want["sha256"]:
+                raise CheckpointError(f"{p} does not match the SHA-256 in its manifest (damaged)")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{mpath} is damaged ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or path} cannot be read ({e.strerror or e})") from None
+
+
+def _verify_without_manifest(path: str) -> None:
+    """Checkpoints written before manifests: the files resume needs exist and the state archive is whole."""
+    for name in (STATE_FILE, "config.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{os.path.join(path, name)} is missing")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
+        raise CheckpointError(f"{path} has no weights file ({WEIGHT_FILES[0]})")
+    state = os.path.join(path, STATE_FILE)
+    try:
+        with zipfile.ZipFile(state) as z:  # torch.save writes a zip archive: testzip checks every CRC
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{state} is damaged ({e})") from None
+    if bad:
+        raise CheckpointError(f"{state} is damaged (entry {bad} fails its CRC)")
+
+
+# --- listing and resume ---------------------------------------------------------------------------
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints of a run, oldest first: [(step, path)]."""
+    """Checkpoints of a run, oldest first: [(step, path)]. A step being re-saved whose old copy was
+    moved aside (.replaced-step_N) when the process died still counts, under that name."""
     root = os.path.join(run_dir, CKPT_DIR)
     if not os.path.isdir(root):
         return []
-    out = []
-    for name in os.listdir(root):
+    found = {}
+    for name in sorted(os.listdir(root), reverse=True):  # step_N sorts before .replaced-step_N: it wins
         m = _STEP.match(name)
-        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
-            out.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(out)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.setdefault(int(m.group(1)), os.path.join(root, name))
+    return sorted(found.items())
 
 
-def resolve_resume(path: str) -> str:
-    """A checkpoint folder itself, or a run folder -> its newest complete checkpoint."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+def is_checkpoint(path: str) -> bool:
+    """A folder that is (or was meant to be) one checkpoint, as opposed to a run folder."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, MANIFEST))
+                                    or os.path.isfile(os.path.join(path, STATE_FILE))
+                                    or bool(_STEP.match(os.path.basename(os.path.normpath(path)))))
+
+
+def resolve_resume(path: str, log=None, check: bool = True) -> str:
+    """A checkpoint folder -> itself, verified (damage raises). A run folder -> its newest intact
+    checkpoint: damaged newer ones are reported through `log`, one line each, and skipped."""
+    if is_checkpoint(path):
+        if check:
+            try:
+                verify(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"run.resume: checkpoint {path} cannot be resumed from: {e}. Resume from an "
+                                      f"older checkpoint (<run>/{CKPT_DIR}/step_N) or the run folder") from None
         return path
     ckpts = list_checkpoints(path)
     if not ckpts:
-        raise FileNotFoundError(f"run.resume = {path!r}: no complete checkpoint there "
-                                f"(expected {path}/{CKPT_DIR}/step_N/{STATE_FILE})")
-    return ckpts[-1][1]
+        raise CheckpointError(f"run.resume = {path!r}: no complete checkpoint there "
+                              f"(expected {path}/{CKPT_DIR}/step_N/{STATE_FILE})")
+    damaged = []
+    for _, candidate in reversed(ckpts):
+        try:
+            if check:
+                verify(candidate)
+            return candidate
+        except CheckpointError as e:
+            damaged.append(str(e))
+            if log:
+                log(f"[rtpo] warning: skipping damaged checkpoint {candidate}: {e}")
+    raise CheckpointError(f"run.resume: every checkpoint in {path} is damaged ({'; '.join(damaged)}); "
+                          "start over with --run.overwrite true or restore the folder from a backup")
+
+
+# --- saving ---------------------------------------------------------------------------------------
+def _clean_leftovers(root: str) -> None:
+    """Remove .tmp-* folders of crashed saves; put back an old copy moved aside by a crashed re-save
+    (or drop it if its replacement made it into place)."""
+    for name in os.listdir(root):
+        p = os.path.join(root, name)
+        if name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif name.startswith(".replaced-"):
+            final = os.path.join(root, name[len(".replaced-"):])
+            if os.path.exists(final):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.rename(p, final)
 
 
 def save_checkpoint(run_dir: str, step: int, write_fn, keep_last: int = 2) -> str:
-    """write_fn(tmp_dir) writes everything; the folder becomes visible only when complete."""
+    """write_fn(tmp_dir) writes everything; the folder becomes visible only when complete. A save
+    that fails (a full disk) removes its partial folder and leaves every older checkpoint as it was."""
     root = os.path.join(run_dir, CKPT_DIR)
     os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):  # leftovers of a crashed save
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    final = os.path.join(root, f"step_{step:06d}")
-    tmp = os.path.join(root, f".tmp-step_{step:06d}-{os.getpid()}")
-    write_fn(tmp)
-    pause = float(os.environ.get("RTPO_TEST_PAUSE_IN_SAVE", "0") or 0)
-    if pause:  # test hook: a window in which a kill leaves a half-written checkpoint
-        print(f"[rtpo] pausing {pause}s inside checkpoint save ({tmp})", flush=True)
-        time.sleep(pause)
-    _fsync_tree(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. a preemption right after a periodic save)
-        shutil.rmtree(final)
+    _clean_leftovers(root)
+    name = f"step_{step:06d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    try:
+        write_fn(tmp)
+        pause = float(os.environ.get("RTPO_TEST_PAUSE_IN_SAVE", "0") or 0)
+        if pause:  # test hook: a window in which a kill leaves a half-written checkpoint
+            print(f"[rtpo] pausing {pause}s inside checkpoint save ({tmp})", flush=True)
+            time.sleep(pause)
+        crash_point(f"checkpoint {name}: files written, no manifest yet")
+        write_manifest(tmp, step)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    crash_point(f"checkpoint {name}: complete, not yet renamed")
+    aside = None
+    if os.path.exists(final):  # re-saving a step: the old copy is deleted only once the new one is in place
+        aside = os.path.join(root, f".replaced-{name}")
+        os.rename(final, aside)
+        crash_point(f"checkpoint {name}: old copy moved aside")
     os.rename(tmp, final)
     _fsync_dir(root)
+    crash_point(f"checkpoint {name}: renamed into place")
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
     for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_checkpoints(run_dir: str) -> None:
+    """Delete the checkpoints of an earlier run in run_dir (a fresh run with --run.overwrite). The
+    folder is renamed away first, so a crash midway leaves none of them to be resumed by mistake."""
+    root, trash = os.path.join(run_dir, CKPT_DIR), os.path.join(run_dir, f".old-{CKPT_DIR}")
+    shutil.rmtree(trash, ignore_errors=True)
+    if os.path.isdir(root):
+        os.rename(root, trash)
+        _fsync_dir(run_dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_state(path: str, state: dict) -> None:
@@ -91,6 +272,7 @@ def load_state(path: str) -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+# --- atomic folders (warm-start cache, GGUF conversions) ------------------------------------------
 def _remove_stale_tmp(dest: str) -> None:
     """Delete tmp folders of `dest` left by killed processes (a model folder can be ~0.5 GB)."""
     parent, base = os.path.split(dest)
@@ -110,6 +292,8 @@ def write_atomically(dest: str, write) -> str:
     leaves no folder at `dest` (only a tmp folder, removed here when the failure is an exception),
     so a present `dest` is always complete. If another process finished `dest` first, its copy wins."""
     parent = os.path.dirname(dest) or "."
+    if os.path.isfile(parent):  # makedirs would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", parent)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_tmp(dest)
     tmp = f"{dest}.tmp-{os.getpid()}"
@@ -117,6 +301,7 @@ def write_atomically(dest: str, write) -> str:
     try:
         write(tmp)
         _fsync_tree(tmp)  # the data reaches the disk before the rename can
+        crash_point(f"folder {os.path.basename(dest)}: written, not yet renamed")
         try:
             os.rename(tmp, dest)
         except OSError:

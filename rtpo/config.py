@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    max_steps: int = 120            # training steps; one step = one rollout batch + its updates
+    max_steps: int = 150            # training steps; one step = one rollout batch + its updates
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto (bf16 on GPUs that have it, else fp32) | float32 | bfloat16 | float16
     resume: Optional[str] = None    # a run dir or checkpoint dir; "auto" = newest in output_dir
@@ -70,24 +70,25 @@ class DataConfig:
     min_operands: int = 3
     max_operands: int = 5
     max_operand: int = 9
-    trace: str = "rewrite"          # embedded task's trace: rewrite (reduce the expression line by line) | steps
-    modulus: int = 0                # embedded task: > 0 computes modulo this (every value stays one digit at 10)
+    modulus: int = 10               # embedded task: values modulo this (one digit each); 0 = plain integers
 
 
 @dataclass
 class WarmstartConfig:
     """Supervised warm-start on a disjoint split, so a random tiny model knows the format."""
     enabled: str = "auto"           # auto (on for the embedded model) | true | false
-    steps: int = 500
-    lr: float = 3e-3
+    steps: int = 1200
+    lr: float = 1.5e-3
     batch_size: int = 32
     num_examples: int = 4000
     seed: int = 0                   # seeds the embedded model's init and the SFT order: the warm-started
                                     # model stands in for a pretrained checkpoint, the same for every run.seed
     cache_dir: str = ".cache/rtpo"  # the warm-started model is cached here, keyed by its settings
-    # What the warm-start teaches. reasoning_fraction of its rows show the whole trace; the rest are
-    # answer-only (<think></think> answer), so writing the steps is something RL must select or learn.
-    reasoning_fraction: float = 1.0
+    # What the warm-start teaches: every example shows its trace until mix_from of the steps, then only
+    # reasoning_fraction of them do and the rest are answer-only (<think></think> answer). The model
+    # can write the steps but mostly answers directly: choosing to reason is left to RL.
+    reasoning_fraction: float = 0.3
+    mix_from: float = 0.67
     max_operands: int = 0           # > 0: warm-start questions have at most this many operands (shorter chains)
 
 
@@ -145,11 +146,14 @@ class LossConfig:
     num_iterations: int = 1         # passes over each rollout batch
     entropy_coef: float = 0.0
     hint_loss: float = 0.0          # weight of a log-likelihood loss on the injected hint tokens (UFT-style)
+    importance: str = "token"       # token (PPO/GRPO ratio per token) | sequence (GSPO: length-normalised sequence ratio)
+    tis_cap: float = 0.0            # > 0: truncated importance sampling against the rollout's own log-probs, weight <= cap
+    tis_level: str = "token"        # token | sequence: the TIS weight per token, or one per sequence
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -168,6 +172,9 @@ class RewardConfig:
     format: float = 0.1
     length_penalty: float = 0.0     # weight of -(completion tokens / max_new_tokens)
     custom: dict = field(default_factory=dict)
+    boxed: float = 0.0              # strict \boxed{answer}
+    gsm8k: float = 0.0              # strict "#### answer"
+    json_answer: float = 0.0        # ```json {"answer": ...}``` block (the original work's format)
 
 
 @dataclass
@@ -182,6 +189,10 @@ class EvalConfig:
 class LogConfig:
     progress: bool = True
     plot: bool = True
+    report_to: str = "none"         # none | tensorboard | wandb (metrics.jsonl is always written)
+    project: str = "rtpo"           # wandb project
+    sample_groups: int = 2          # train groups written to samples.jsonl every eval.every steps
+    sample_eval_rows: int = 4       # held-out rows written to samples.jsonl at each evaluation
 
 
 @dataclass
@@ -419,7 +430,7 @@ def validate(cfg: RTPOConfig) -> None:
     """Cross-field checks that a typed field cannot express; each error names the key and the fix."""
     from rtpo.advantages import SCALE_REWARDS
     from rtpo.curriculum import SCHEDULES
-    from rtpo.losses import LOSS_TYPES
+    from rtpo.losses import IMPORTANCE, LOSS_TYPES
 
     c = cfg
     for sec, obj in _sections(c).items():  # "nan" / "inf" parse as floats and would poison the run
@@ -429,13 +440,15 @@ def validate(cfg: RTPOConfig) -> None:
                 raise ConfigError(f"{sec}.{f.name} = {v} must be a finite number")
     _choice(c.loss.loss_type, sorted(LOSS_TYPES), "loss.loss_type")
     _choice(c.loss.scale_rewards, sorted(SCALE_REWARDS), "loss.scale_rewards")
+    _choice(c.loss.importance, sorted(IMPORTANCE), "loss.importance")
+    _choice(c.loss.tis_level, ["token", "sequence"], "loss.tis_level")
+    _choice(c.log.report_to, ["none", "tensorboard", "wandb"], "log.report_to")
     _choice(c.curriculum.schedule, sorted(SCHEDULES), "curriculum.schedule")
     _choice(c.curriculum.granularity, ["token", "line"], "curriculum.granularity")
     _choice(c.curriculum.injection, ["prefix", "turn"], "curriculum.injection")
     _choice(c.optim.lr_schedule, ["constant", "linear", "cosine"], "optim.lr_schedule")
     _choice(c.rollout.cache, ["dynamic", "static"], "rollout.cache")
     _choice(c.data.format, ["auto", "fields", "gsm8k"], "data.format")
-    _choice(c.data.trace, ["rewrite", "steps"], "data.trace")
     _choice(c.warmstart.enabled, ["auto", "true", "false"], "warmstart.enabled")
     _choice(c.run.dtype, ["auto", "float32", "bfloat16", "float16"], "run.dtype")
     for key, v in [("run.max_steps", c.run.max_steps), ("rollout.prompts_per_step", c.rollout.prompts_per_step),
@@ -456,6 +469,9 @@ def validate(cfg: RTPOConfig) -> None:
                    ("loss.entropy_coef", c.loss.entropy_coef), ("loss.hint_loss", c.loss.hint_loss), ("run.stop_after_steps", c.run.stop_after_steps),
                    ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
                    ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps)]:
+        _positive(v, key, allow_zero=True)
+    for key, v in [("loss.tis_cap", c.loss.tis_cap), ("log.sample_groups", c.log.sample_groups),
+                   ("log.sample_eval_rows", c.log.sample_eval_rows)]:
         _positive(v, key, allow_zero=True)
     # > 0: adv_eps = 0 divides a zero-variance group by 0 (NaN advantages, every update skipped);
     # max_consecutive_skips = 0 would stop after the first step.
@@ -483,7 +499,9 @@ def validate(cfg: RTPOConfig) -> None:
                    ("curriculum.adaptive_step", c.curriculum.adaptive_step),
                    ("curriculum.per_example_step", c.curriculum.per_example_step),
                    ("curriculum.per_example_target", c.curriculum.per_example_target),
-                   ("curriculum.hint_dropout", c.curriculum.hint_dropout)]:
+                   ("curriculum.hint_dropout", c.curriculum.hint_dropout),
+                   ("warmstart.reasoning_fraction", c.warmstart.reasoning_fraction),
+                   ("warmstart.mix_from", c.warmstart.mix_from)]:
         if not 0 <= v <= 1:
             raise ConfigError(f"{key} = {v} must be in [0, 1]")
     m, vals = c.curriculum.milestones, c.curriculum.values

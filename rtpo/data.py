@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rtpo import synthetic, wordproblems
 from rtpo.config import DataConfig
@@ -28,6 +28,9 @@ class Example:
     reasoning: str
     answer: str
     index: int  # row index in its source split, for error messages and logs
+    # every column of the raw row by name (question / reasoning / answer included, as they were in
+    # the source): reward functions receive them as keyword arguments (rtpo/rewards.py)
+    columns: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 # Datasets generated in code, by data.dataset name: each module has make_dataset(size, seed,
@@ -87,7 +90,7 @@ def validate_rows(rows, cfg: DataConfig, source: str) -> list[Example]:
                 raise DataError(f"{source}: row {i} field {af!r} (answer) must be text or a number, got {type(answer).__name__}")
         if not answer.strip():
             raise DataError(f"{source}: row {i} field {af!r} (answer) is empty; every row needs an answer to reward")
-        out.append(Example(q.strip(), reasoning.strip(), answer.strip(), i))
+        out.append(Example(q.strip(), reasoning.strip(), answer.strip(), i, columns=dict(row)))
     return out
 
 
@@ -173,7 +176,7 @@ def load_rows(cfg: DataConfig, split: str):
         gen = GENERATED[cfg.dataset]
         seed = {"train": gen.TRAIN_SEED, "test": gen.EVAL_SEED, "warmstart": gen.WARMSTART_SEED}[split]
         size = cfg.synthetic_size if split != "test" else max(cfg.num_eval, 1)
-        extra = {"trace": cfg.trace, "modulus": cfg.modulus} if gen is synthetic else {}
+        extra = {"modulus": cfg.modulus} if gen is synthetic else {}
         return gen.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
                                 max_operand=cfg.max_operand, **extra)
     if os.path.exists(cfg.dataset):
@@ -217,5 +220,5 @@ def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int, max_operands: i
                         "set --warmstart.enabled false")
     hi = max_operands or cfg.max_operands
     rows = synthetic.make_dataset(num, synthetic.WARMSTART_SEED, min_operands=min(cfg.min_operands, hi),
-                                  max_operands=hi, max_operand=cfg.max_operand, trace=cfg.trace, modulus=cfg.modulus)
+                                  max_operands=hi, max_operand=cfg.max_operand, modulus=cfg.modulus)
     return [e for e in validate_rows(rows, cfg, "embedded[warmstart]") if e.question not in exclude]

@@ -14,8 +14,8 @@ changes what must change so that W processes train exactly like one process on t
   hooks are lifted meanwhile, so decoding does not all-gather every layer for every token. The
   price: during generation each GPU holds a full copy of the (16-bit) weights.
 - metrics are reduced over processes; only rank 0 writes metrics.jsonl, config.json, the plot,
-  the summary and the progress bar. Evaluation is sharded over processes and the means are
-  combined weighted by example counts.
+  the summary and the progress bar, and only rank 0 holds the run folder's lock (rtpo/runlock.py).
+  Evaluation is sharded over processes and the means are combined weighted by example counts.
 - checkpoints: rank 0 writes the usual folder (HF weights, tokenizer, trainer_state.pt); with
   DeepSpeed every process adds its ZeRO shards under `deepspeed/` before the atomic rename, and
   `--resume` restores them (same world size and ZeRO stage).
@@ -198,7 +198,7 @@ SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accurac
              "all_wrong_groups", "all_right_groups", "mean_example_keep"}
 SUM_KEYS = {"loss"}
 MAX_KEYS = {"skipped_updates"}
-TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy"}
+TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap"}
 
 
 def reduce_rows(rows: list) -> dict:
@@ -486,8 +486,10 @@ class DistributedTrainer(Trainer):
             # This process's config.json / metrics.jsonl / summary.json would duplicate rank 0's:
             # Trainer.train writes them to self.out, so point it at a throwaway folder.
             self.cfg.log.progress = self.cfg.log.plot = False
+            self.cfg.log.report_to = "none"
             self._scratch = tempfile.mkdtemp(prefix=f"rtpo-rank{self.rank}-")
             self.out = self._scratch
+            self.writes_run_dir = False  # rank 0 holds the run folder's lock for the whole run
         mode = f"DeepSpeed ZeRO-{self.stage}" if self.use_deepspeed else "DDP"
         self.log(f"[rtpo] {mode}: {self.world} process(es), {cfg.rollout.prompts_per_step // self.world} prompts x "
                  f"{cfg.rollout.num_generations} completions each per step, {self.gas} micro batch(es) per update")
@@ -651,6 +653,8 @@ class DistributedTrainer(Trainer):
     def _on_signal(self, signum, frame):
         import signal
 
+        if self._pending_signal:  # a second signal quits at once, as in Trainer
+            self._quit_now(signal.Signals(signum).name)
         self._pending_signal = signal.Signals(signum).name
         if self.world == 1:
             self._stop_signal = self._pending_signal
@@ -746,9 +750,9 @@ def make_trainer(cfg: RTPOConfig, log=None) -> Trainer:
         return DistributedTrainer(cfg, log=log)
     if cfg.run.resume:
         try:
-            path = ckpt.resolve_resume(cfg.run.output_dir if cfg.run.resume == "auto" else cfg.run.resume)
-        except FileNotFoundError:
-            path = None  # Trainer reports it
+            path = ckpt.resolve_resume(cfg.run.output_dir if cfg.run.resume == "auto" else cfg.run.resume, check=False)
+        except ckpt.CheckpointError:
+            path = None  # Trainer reports it (and verifies the checkpoint it picks)
         if path and os.path.isdir(os.path.join(path, DS_DIR)):
             raise ConfigError(deepspeed_checkpoint_message(path))
     return Trainer(cfg, log=log)

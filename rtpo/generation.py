@@ -51,6 +51,10 @@ class GenerationOutput:
     completions: list  # list[list[int]]: row r = prompt r // num_samples, sample r % num_samples
     finish_reasons: list  # list[str]: "eos" | "stop" | "length"
     stats: dict = field(default_factory=dict)
+    # with return_logprobs: list[list[float]], the sampler's log-prob of each generated token under
+    # the temperature-scaled distribution log_softmax(logits / T) (top-k/top-p truncation not applied),
+    # the quantity the trainer's log-prob pass computes, in the rollout's own numerics
+    logprobs: list | None = None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -267,11 +271,19 @@ def _stop_string_hits(tokenizer, sampling, completions: list, window: int) -> li
     return [any(s in text for s in sampling.stop_strings) for text in texts]
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B] log-probs of `tokens` under log_softmax(logits / temperature) (temperature 0 reads as 1)."""
+    t = temperature if temperature > 0 else 1.0
+    logits = logits.float() / t if t != 1.0 else logits.float()
+    return torch.log_softmax(logits, -1).gather(-1, tokens[:, None].to(logits.device)).squeeze(-1)
+
+
 def _generate_chunk(model, prompts, row0, G, sampling, uniforms, out, stats, *, tokenizer,
                     share_prefix, cache, step_fn, compact_at, compiled, device) -> None:
-    """Generate rows row0 .. row0 + len(prompts) * G - 1 into out["completions"] / out["reasons"]."""
+    """Generate rows row0 .. row0 + len(prompts) * G - 1 into out["completions"] / out["reasons"]
+    (and out["logprobs"] when it is a list)."""
     T = sampling.max_new_tokens
-    completions, reasons = out["completions"], out["reasons"]
+    completions, reasons, logprobs = out["completions"], out["reasons"], out.get("logprobs")
     eos = set(sampling.eos_token_ids)
     window = _stop_window(sampling) if sampling.stop_strings else 0
 
@@ -298,9 +310,12 @@ def _generate_chunk(model, prompts, row0, G, sampling, uniforms, out, stats, *, 
             stats["row_steps"] += len(batch.rows)
         u = None if uniforms is None else uniforms[t, torch.tensor(batch.rows, device=uniforms.device)]
         tok = sample_tokens(logits, sampling, u)
+        lps = token_logprobs(logits, tok, sampling.temperature).tolist() if logprobs is not None else None
         for i, (r, tk) in enumerate(zip(batch.rows, tok.tolist())):
             if not done[i]:  # finished rows ride along until compaction; their tokens are dropped
                 completions[r].append(tk)
+                if lps is not None:
+                    logprobs[r].append(lps[i])
                 if tk in eos:
                     done[i], reasons[r] = True, "eos"
         if window:
@@ -358,7 +373,8 @@ def draw_uniforms(sampling: SamplingConfig, rows: int, generator: torch.Generato
 def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int = 1,
              generator: torch.Generator | None = None, tokenizer=None, share_prefix: bool = True,
              cache: str = "dynamic", compile: bool = False, compact: bool | str | float = "auto",
-             batch_size: int | None = None, uniforms: torch.Tensor | None = None) -> GenerationOutput:
+             batch_size: int | None = None, uniforms: torch.Tensor | None = None,
+             return_logprobs: bool = False) -> GenerationOutput:
     """Sample num_samples completions for every prompt (lists of token ids).
 
     share_prefix: prefill each prompt once and replicate its KV cache for its samples.
@@ -371,16 +387,20 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
     uniforms: a [max_new_tokens, rows] table to sample with instead of drawing one from `generator`;
         a data-parallel process passes its columns of the table `draw_uniforms` gives for the whole
         batch, so that its rows sample exactly what one process sampling the whole batch would.
+    return_logprobs: also return each generated token's log-prob under the sampler's own forward
+        (`GenerationOutput.logprobs`): one log_softmax per step, for truncated importance sampling.
     The model's train/eval mode and dtype are left as they are."""
     _validate(prompts, sampling, num_samples, tokenizer, cache)
     device = next(model.parameters()).device
     G, T = num_samples, sampling.max_new_tokens
     N = len(prompts) * G
     out = {"completions": [[] for _ in range(N)], "reasons": ["length"] * N}
+    if return_logprobs:
+        out["logprobs"] = [[] for _ in range(N)]
     stats = {k: 0 for k in ("prefill_s", "decode_s", "forward_passes", "prefill_tokens",
                             "row_steps", "compactions", "chunks")}
     if T <= 0 or N == 0:
-        return GenerationOutput(out["completions"], out["reasons"], stats)
+        return GenerationOutput(out["completions"], out["reasons"], stats, out.get("logprobs"))
 
     compiled = compile and device.type in COMPILE_DEVICES
     if compiled and cache != "static":
@@ -406,4 +426,4 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
         stats["chunks"] += 1
     stats["tokens_generated"] = sum(len(c) for c in out["completions"])
     stats["compiled"] = compiled
-    return GenerationOutput(out["completions"], out["reasons"], stats)
+    return GenerationOutput(out["completions"], out["reasons"], stats, out.get("logprobs"))

@@ -1,15 +1,28 @@
 """The clipped policy-gradient loss with a k3 KL penalty, aggregated by `loss_type`.
 
-Per completion token t of completion i, with ratio rho = exp(logp - old_logp):
+Per completion token t of completion i, with importance ratio rho_it (`importance`):
 
-    L_it  = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_it
+    L_it  = -w_it * min(rho_it * A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_it
     KL_it = exp(ref - logp) - (ref - logp) - 1          (k3 estimator, >= 0)
+
+    token    (PPO / GRPO):  rho_it = exp(logp_it - old_it)
+    sequence (GSPO):        rho_it = sg[s_i] * exp(logp_it - sg[logp_it]),
+                            s_i = exp(mean over i's tokens of (logp - old))
+                            (value s_i on every token of i; gradient s_i * grad logp_it: with
+                            loss_type grpo this is GSPO's sequence objective exactly)
+
+w_it = 1, or with truncated importance sampling (tis_cap > 0) the detached weight
+min(pi_old / pi_rollout, tis_cap) per token (`tis_level` token) or per sequence (the product of
+the token ratios, `sequence`), where pi_rollout is the sampler's own probability of the token:
+it corrects for rollout numerics (bf16, compiled decode) that differ from the training forward.
 
 Aggregations take their normalizers as arguments, so that a rollout batch split into micro
 batches sums to exactly the loss of the whole batch (gradient accumulation stays exact).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -44,9 +57,44 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
-    """-min(rho * A, clip(rho) * A) per token, and where the clip is active (for the clip fraction)."""
-    ratio = torch.exp(logp - old_logp)
+def token_ratio(logp, old_logp, mask):
+    """PPO / GRPO: rho_it = exp(logp_it - old_it), one ratio per token."""
+    return torch.exp(logp - old_logp)
+
+
+def sequence_ratio(logp, old_logp, mask):
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t (logp_it - old_it)) over sequence i's masked tokens,
+    in the token-level gradient form s_it = sg[s_i] * exp(logp_it - sg[logp_it]): every token of i
+    carries the value s_i, and d s_it / d logp_it = s_i. Padding never enters s_i."""
+    diff = _masked(logp - old_logp, mask)
+    s = torch.exp(diff.sum(-1) / mask.sum(-1).clamp(min=1)).detach()
+    lp = _masked(logp, mask)
+    return s.unsqueeze(-1) * torch.exp(lp - lp.detach())
+
+
+IMPORTANCE = {"token": token_ratio, "sequence": sequence_ratio}
+
+
+def _tis_log_ratio(old_logp, rollout_logp, mask, level):
+    d = _masked(old_logp.detach() - rollout_logp.detach(), mask)
+    if level == "sequence":
+        return d.sum(-1, keepdim=True).expand_as(d)
+    if level != "token":
+        raise ValueError(f"tis level must be 'token' or 'sequence', got {level!r}")
+    return d
+
+
+def tis_weights(old_logp, rollout_logp, mask, cap: float, level: str = "token"):
+    """Truncated importance sampling weights (detached), [B, T]: min(pi_old / pi_rollout, cap) per
+    token, or per sequence min(prod_t pi_old / pi_rollout, cap) broadcast to its tokens. Computed in
+    log space and capped before the exp, so a long sequence cannot overflow."""
+    return torch.exp(torch.clamp(_tis_log_ratio(old_logp, rollout_logp, mask, level), max=math.log(cap)))
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, mask=None, importance="token"):
+    """-min(rho * A, clip(rho) * A) per token, and where the clip is active (for the clip fraction);
+    rho from the `importance` registry (token: PPO/GRPO, sequence: GSPO)."""
+    ratio = IMPORTANCE[importance](logp, old_logp, torch.ones_like(logp) if mask is None else mask)
     adv = advantages.unsqueeze(-1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
@@ -55,8 +103,11 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high):
 
 def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", eps_low=0.2, eps_high=0.2,
                 beta=0.0, ref_logp=None, entropy=None, entropy_coef=0.0,
-                n_seqs=None, n_tokens=None, max_len=None):
+                n_seqs=None, n_tokens=None, max_len=None, importance="token",
+                rollout_logp=None, tis_cap=0.0, tis_level="token"):
     """logp/old_logp/ref_logp/entropy/mask: [B, T] (mask 1 on generated tokens), advantages [B].
+    importance: "token" or "sequence" (GSPO). rollout_logp [B, T] with tis_cap > 0: truncated
+    importance sampling of the policy-gradient term (not the KL) against the sampler's log-probs.
 
     n_seqs / n_tokens / max_len are the normalizers of the whole (mini)batch this micro batch is
     part of; they default to this tensor's own. Returns (loss, stats) where stats hold sums over
@@ -66,8 +117,18 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", eps_low=0
     n_seqs = logp.shape[0] if n_seqs is None else n_seqs
     n_tokens = int(mask.sum().item()) if n_tokens is None else n_tokens
     max_len = logp.shape[1] if max_len is None else max_len
-    per_token, is_clipped = clipped_surrogate(logp, old_logp.detach(), advantages.detach(), eps_low, eps_high)
+    per_token, is_clipped = clipped_surrogate(logp, old_logp.detach(), advantages.detach(), eps_low, eps_high,
+                                              mask=mask, importance=importance)
     stats = {"clipped_tokens": _masked(is_clipped.to(mask.dtype), mask).sum().detach()}
+    if tis_cap > 0:
+        if rollout_logp is None:
+            raise ValueError("tis_cap > 0 needs rollout_logp (the sampler's log-probs)")
+        w = tis_weights(old_logp, rollout_logp, mask, tis_cap, tis_level).to(per_token.dtype)
+        per_token = per_token * w
+        truncated = _tis_log_ratio(old_logp, rollout_logp, mask, tis_level) > math.log(tis_cap)
+        gap = _masked((old_logp.detach() - rollout_logp.detach()).abs(), mask)
+        stats.update(tis_weight_sum=_masked(w, mask).sum(), logp_gap_sum=gap.sum(),
+                     tis_truncated_tokens=_masked(truncated.to(mask.dtype), mask).sum())
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rtpo import embedded
-from rtpo.checkpoint import write_atomically
+from rtpo.checkpoint import WEIGHT_FILES, write_atomically
 from rtpo.config import ConfigError, ModelConfig
 
 # Converted checkpoints live under $RTPO_CACHE_DIR/models (default: the project's .cache/rtpo, the
@@ -171,6 +171,22 @@ def resolve_model_path(name: str, log=print) -> str:
     return name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(name: str, path: str) -> None:
+    """A local model folder must hold a config, a tokenizer and weights; say which are missing
+    (transformers would otherwise fail much later, e.g. asking for sentencepiece)."""
+    have = set(os.listdir(path))
+    missing = [what for what, files in (("config.json", ("config.json",)),
+                                        ("a tokenizer (tokenizer.json or tokenizer_config.json)", TOKENIZER_FILES),
+                                        ("weights (model.safetensors or pytorch_model.bin)", WEIGHT_FILES))
+               if not have & set(files)]
+    if missing:
+        raise ConfigError(f"model.name {name!r} is a folder without {', '.join(missing)}; point --model at a folder "
+                          "written by save_pretrained (e.g. <run>/checkpoints/step_N), a .gguf file or a hub name")
+
+
 def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
     """(model in float32 on CPU, tokenizer). The trainer moves the model to its device."""
     if mc.name == "embedded":
@@ -181,6 +197,8 @@ def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(mc.name, log=log)
+    if os.path.isdir(path):
+        check_model_folder(mc.name, path)
     kw = {"revision": mc.revision, "trust_remote_code": mc.trust_remote_code}
     try:
         tok = load_tokenizer(path, **kw)
@@ -189,4 +207,9 @@ def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
         offline = ", ".join(sorted(OFFLINE_MODELS))
         raise ConfigError(f"model.name {mc.name!r} could not be loaded ({e}). Offline? Use --model embedded, "
                           f"an offline preset ({offline}), a .gguf file or a local folder") from None
+    except Exception as e:  # a local folder with a damaged file (e.g. truncated weights): name the folder and why
+        if not os.path.isdir(path):
+            raise
+        raise ConfigError(f"model.name {mc.name!r}: transformers cannot load this folder ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}); is a file in it truncated or damaged?") from None
     return model, tok

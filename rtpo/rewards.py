@@ -1,23 +1,40 @@
-"""Reward functions: answer accuracy, format, length penalty, and user functions.
+"""Reward functions: answer accuracy, format, length penalty, strict answer formats, and user functions.
 
-Every reward function has one signature and returns one float per completion:
+Every reward function returns one float per completion and is called with ONE signature:
 
-    fn(completions: list[str], answers: list[str], **ctx) -> list[float]
+    fn(completions, *, prompts, answers, completion_ids, **columns) -> list[float]
 
-ctx holds `responses` (the assistant's whole response: injected hint + completion), `questions`,
-`finish_reasons` ("eos" | "stop" | "length"), `completion_lengths`, `max_new_tokens`,
-`think_open` and `think_close`. User functions are imported only from an explicit
-"module:function" in the config; nothing from data is ever evaluated.
+All arguments are lists aligned with `completions` (row i of each list belongs to completion i),
+except the few scalars noted:
+
+- `completions`: the generated text (special tokens kept, the final EOS dropped);
+- `prompts`: the prompt text the model saw (chat template and injected hint included);
+- `answers`: the gold answer of each row (after `data.format` parsing);
+- `completion_ids`: the generated token ids (the EOS, when one was generated, included);
+- `responses`: the assistant's whole response: injected hint (prefix mode) + completion;
+- `questions`, `finish_reasons` ("eos" | "stop" | "length"), `completion_lengths`, `keeps` (the
+  hint fraction each row was prompted with), and the scalars `max_new_tokens`, `think_open`,
+  `think_close`, `step`;
+- every column of the dataset row by its own name (e.g. `difficulty`, `solution`, `answer`):
+  one value per completion, for rows from any source (local file, hub dataset, generated task).
+
+A function takes what it names: `def f(completions, *, answers, difficulty, **kw)`; without a
+`**kwargs` parameter it is passed only the names it declares. The older form
+`fn(completions, answers, **ctx)` still works (`answers` is passed by keyword, or positionally to
+a function whose second parameter has another name). User functions are imported only from an
+explicit "module:function" in the config; nothing from data is ever evaluated.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import math
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_JSON_BLOCK = re.compile(r"```json\s*(\{.*?\})\s*```", re.DOTALL)
 
 
 def final_answer_text(response: str, think_close: str = "</think>") -> str:
@@ -25,11 +42,25 @@ def final_answer_text(response: str, think_close: str = "</think>") -> str:
     return response.rpartition(think_close)[2] if think_close in response else response
 
 
+def last_boxed(text: str):
+    """The content of the last \\boxed{...} in text, nested braces included (\\boxed{\\frac{1}{2}}
+    gives \\frac{1}{2}); None if there is none or it is never closed."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        i, depth = start + len("\\boxed{"), 1
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j].strip()
+        start = text.rfind("\\boxed{", 0, start)  # unclosed: an earlier complete one still counts
+    return None
+
+
 def extract_answer(text: str):
     """The stated answer: \\boxed{...}, else after '####' or 'answer is', else the last number."""
-    m = _BOXED.findall(text)
-    if m:
-        return m[-1].strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
     for marker in ("####", "answer is", "Answer:"):
         if marker in text:
             tail = text.rpartition(marker)[2]
@@ -88,7 +119,59 @@ def length_penalty(completions, answers, *, completion_lengths=None, max_new_tok
     return [-float(n) / max_new_tokens for n in completion_lengths]
 
 
-BUILTIN = {"accuracy": accuracy_reward, "format": format_reward, "length_penalty": length_penalty}
+def boxed_reward(completions, answers, *, responses=None, think_close="</think>", **ctx):
+    """1.0 if the last \\boxed{...} after the reasoning holds the gold answer (numeric-aware,
+    nested braces allowed), else 0.0: the MATH / DeepSeek-R1 convention, strict (no fallback)."""
+    responses = responses or completions
+    return [float(answers_match(last_boxed(final_answer_text(r, think_close)), a)) for r, a in zip(responses, answers)]
+
+
+def gsm8k_reward(completions, answers, *, responses=None, think_close="</think>", **ctx):
+    """1.0 if the first number after the last '####' after the reasoning equals the gold answer
+    (GSM8K's "#### 72" convention), else 0.0; no '####' scores 0."""
+    responses = responses or completions
+    out = []
+    for r, a in zip(responses, answers):
+        text = final_answer_text(r, think_close)
+        nums = _NUMBER.findall(text.rpartition("####")[2]) if "####" in text else []
+        out.append(float(answers_match(nums[0] if nums else None, a)))
+    return out
+
+
+def json_answer(text: str):
+    """The "answer" value of the last ```json {...}``` block in text (as a string), or None when
+    there is no block, it does not parse, it is not an object or it has no "answer" key."""
+    for block in reversed(_JSON_BLOCK.findall(text)):
+        try:
+            obj = json.loads(block)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "answer" in obj:
+            v = obj["answer"]
+            return v if isinstance(v, str) else json.dumps(v)
+        return None
+    return None
+
+
+def json_answer_reward(completions, answers, *, responses=None, think_close="</think>", **ctx):
+    """The original RTPO work's answer block: the response ends with ```json {"answer": "X"}```.
+    1.0 if its answer equals the gold one (numeric-aware, case- and space-insensitive), 0.5 for a
+    well-formed block with a wrong answer, 0.0 without one (the original's 2 / 1 / 0, halved)."""
+    responses = responses or completions
+    out = []
+    for r, a in zip(responses, answers):
+        pred = json_answer(final_answer_text(r, think_close))
+        out.append(0.0 if pred is None else 1.0 if answers_match(pred, a) else 0.5)
+    return out
+
+
+BUILTIN = {"accuracy": accuracy_reward, "format": format_reward, "length_penalty": length_penalty,
+           "boxed": boxed_reward, "gsm8k": gsm8k_reward, "json_answer": json_answer_reward}
+# Argument names the trainer passes to every reward function; a dataset column of the same name is
+# not passed (the trainer warns once at setup).
+RESERVED = frozenset({"completions", "prompts", "answers", "completion_ids", "responses", "questions",
+                      "finish_reasons", "completion_lengths", "keeps", "max_new_tokens", "think_open",
+                      "think_close", "step"})
 
 
 def import_function(path: str):
@@ -123,13 +206,60 @@ class RewardError(ValueError):
     """A reward function failed or returned the wrong number of values; the message names it."""
 
 
+def _signature(fn):
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have none: pass everything
+        return None
+
+
+def _answers_slot(params):
+    """The parameter that receives the answers: the one named `answers`, else the first positional
+    parameter after the completions (the older `fn(completions, golds, **ctx)` form), else None."""
+    rest = params[1:]
+    named = next((p for p in rest if p.name == "answers" and p.kind is not p.POSITIONAL_ONLY), None)
+    return named or next((p for p in rest if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+
+
+def call_reward(fn, completions, answers, kwargs: dict):
+    """fn(completions, answers=..., **kwargs), adapted to what fn declares: `answers` goes by keyword
+    when fn names it, else positionally as the second argument if fn takes one; without a
+    **kwargs parameter, fn receives only the keyword arguments it names."""
+    sig = _signature(fn)
+    if sig is None:
+        return fn(completions, answers=answers, **kwargs)
+    params = list(sig.parameters.values())
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    slot = _answers_slot(params)
+    named = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    kw = {k: v for k, v in kwargs.items() if (var_kw or k in named) and (slot is None or k != slot.name)}
+    if slot is not None and slot.name != "answers":
+        return fn(completions, answers, **kw)
+    if slot is not None or var_kw:
+        kw["answers"] = answers
+    return fn(completions, **kw)
+
+
+def missing_arguments(fn, available) -> list:
+    """Parameters fn requires (no default) that nothing would fill: not the answers, and not in
+    `available` (the names the trainer passes plus the dataset's columns). Checked at setup."""
+    sig = _signature(fn)
+    if sig is None:
+        return []
+    params = list(sig.parameters.values())
+    slot = _answers_slot(params)
+    return [p.name for p in params[1:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p is not slot and (p.kind is p.POSITIONAL_ONLY or p.name not in available)]
+
+
 def score(fns: dict, completions, answers, **ctx):
     """Weighted sum of every reward function -> (total [N], {name: list[float]}).
-    A function that returns the wrong number of values is an error naming it."""
+    Each function is called through `call_reward` with `ctx` as keyword arguments. A function that
+    raises or returns the wrong number of values is an error naming it."""
     per_fn, total = {}, [0.0] * len(completions)
     for name, (fn, w) in fns.items():
         try:
-            vals = [float(v) for v in fn(completions, answers, **ctx)]
+            vals = [float(v) for v in call_reward(fn, completions, answers, ctx)]
         except Exception as e:  # user code: report which function failed, not a bare traceback
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
         if len(vals) != len(completions):

@@ -1,31 +1,26 @@
-"""The embedded reasoning task: multi-step integer arithmetic with a worked trace.
+"""The embedded reasoning task: multi-step arithmetic with a worked trace, one operation per line.
 
-Two trace styles (`data.trace`):
+    question : "Compute 7+8-5+6 mod 10."          (data.modulus 10, the default)
+    reasoning: "7+8=5\\n5-5=0\\n0+6=6"
+    answer   : "6"
 
-    question : "Compute 12+7-5+20."
-    rewrite  : "12+7-5+20\\n19-5+20\\n14+20\\n34"     (default: each line reduces the previous one)
-    steps    : "12+7=19\\n19-5=14\\n14+20=34"         (one operation per line, operands from the question)
+    question : "Compute 12+7-5+20."               (data.modulus 0: plain non-negative integers)
+    reasoning: "12+7=19\\n19-5=14\\n14+20=34"
     answer   : "34"
 
-`rewrite` makes every line a local function of the line above it (add the first two numbers, copy
-the rest), which a tiny model can learn to do reliably; `steps` asks it to find the i-th operand in
-the question, which a 1M-parameter model does badly. In both, the trace ends by stating the answer,
-like GSM8K, so cutting it from the end removes the answer first, then the later steps. Rows are a pure
-function of (seed, index): the same seed always gives the same data, and two seeds give independent
-splits.
+Modulo 10 every value is one digit: a 1M-parameter model learns each line's fact table in a minute of
+warm-start, but cannot do the whole chain in its head (an answer-only guess is right ~10 % of the
+time), so writing the steps is what makes it right. Like GSM8K, the trace ends by stating the answer,
+so cutting it from the end removes the answer first, then the later steps. Rows are a pure function
+of (seed, index): the same seed always gives the same data, and two seeds give independent splits.
 """
 
 from __future__ import annotations
 
 import random
 
-TRACES = ("rewrite", "steps")
-
-
 def make_example(rng: random.Random, min_operands: int = 3, max_operands: int = 5, max_operand: int = 30,
-                 trace: str = "rewrite", modulus: int = 0) -> dict:
-    if trace not in TRACES:
-        raise ValueError(f"trace {trace!r} is not one of {TRACES}")
+                 modulus: int = 0) -> dict:
     n = rng.randint(min_operands, max_operands)
     value = rng.randint(1, max_operand)
     terms, values = [], [value]
@@ -38,10 +33,7 @@ def make_example(rng: random.Random, min_operands: int = 3, max_operands: int = 
         terms.append(f"{op}{x}")
         values.append(value)
     expr = str(values[0]) + "".join(terms)
-    if trace == "steps":
-        lines = [f"{values[i]}{terms[i]}={values[i + 1]}" for i in range(n - 1)]
-    else:
-        lines = [str(values[i]) + "".join(terms[i:]) for i in range(n)]
+    lines = [f"{values[i]}{terms[i]}={values[i + 1]}" for i in range(n - 1)]
     question = f"Compute {expr} mod {modulus}." if modulus else f"Compute {expr}."
     return {"question": question, "reasoning": "\n".join(lines), "answer": str(value)}
 

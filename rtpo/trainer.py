@@ -9,7 +9,6 @@ One training step:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -19,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from rtpo import checkpoint as ckpt
+from rtpo import checkpoint as ckpt, runlock
 from rtpo.advantages import group_advantages, group_outcomes, zero_variance_fraction
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
 from rtpo.curriculum import Curriculum, PromptBuilder, PromptTooLong, dropout_rows
@@ -27,13 +26,18 @@ from rtpo.data import load_splits, warmstart_rows
 from rtpo.generation import SamplingConfig, generate
 from rtpo.logprobs import collate, completion_logprobs
 from rtpo.losses import hint_nll, policy_loss
-from rtpo.metrics import MetricsLog, plot_metrics
+from rtpo.metrics import MetricsLog, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
-from rtpo.rewards import RewardError, accuracy_reward, build_reward_functions, format_reward, score
+from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
+                          missing_arguments, score)
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates); a checkpoint of the last good state was saved."""
+
+
+class ForcedQuit(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: quit at once without saving (a KeyboardInterrupt, so no `except Exception` holds it)."""
 
 
 def reasoning_length(ids: list, close_ids: list) -> int:
@@ -63,6 +67,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
+    writes_run_dir = True  # writes the run folder and holds its lock (not the other ranks of a data-parallel run)
+
     def __init__(self, cfg: RTPOConfig, log=None):
         self.cfg = cfg
         self.out = cfg.run.output_dir
@@ -72,11 +78,14 @@ class Trainer:
             self.reward_fns = build_reward_functions(cfg.rewards)
         except ValueError as e:
             raise ConfigError(f"rewards.custom: {e}") from None
+        if report_to_problem(cfg.log.report_to):
+            raise ConfigError(report_to_problem(cfg.log.report_to))
         self.device = pick_device(cfg.run.device)
         self.amp_dtype = self._amp_dtype()
         self._seed_everything(cfg.run.seed)
 
         self.train_rows, self.eval_rows = load_splits(cfg.data)
+        self.column_names = self._reward_columns()
         self.model, self.tok = self._load_model()
         self._check_context()
         self._set_threads()
@@ -107,20 +116,27 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_total = 0
         self._stop_signal = None
+        self._signalled = None  # the first SIGINT/SIGTERM received
         if self.resume_from:
             self._load_state(self.resume_from)
 
     # --- setup ---------------------------------------------------------------------------------
     def _resolve_resume(self):
-        r = self.cfg.run.resume
+        """The checkpoint to resume from (verified), or None for a fresh run. Refuses an unusable or
+        busy output folder, and a folder holding a run unless told to resume or overwrite it."""
+        runlock.check_output_dir(self.out)  # before anything is read from it: a live run may be writing it
+        r, ckpts = self.cfg.run.resume, ckpt.list_checkpoints(self.out)
+        run_files = [os.path.join(self.out, f) for f in ("metrics.jsonl", "config.json")]
+        holds_run = bool(ckpts) or any(map(os.path.exists, run_files))
+        if r == "auto" and holds_run and not ckpts:  # nothing to lose: it stopped before its first checkpoint
+            self.log(f"[rtpo] {self.out} holds no checkpoint yet: --resume auto starts the run over from step 0")
+            return None
         if r:
-            path = self.out if r == "auto" else r
             try:
-                return ckpt.resolve_resume(path)
-            except FileNotFoundError as e:
+                return ckpt.resolve_resume(self.out if r == "auto" else r, log=self.log)
+            except ckpt.CheckpointError as e:
                 raise ConfigError(str(e)) from None
-        if not self.cfg.run.overwrite and (os.path.exists(os.path.join(self.out, "metrics.jsonl"))
-                                           or ckpt.list_checkpoints(self.out)):
+        if not self.cfg.run.overwrite and holds_run:
             raise ConfigError(f"run.output_dir {self.out!r} already holds a run; continue it with --resume auto, "
                               "or pick another --output_dir, or pass --run.overwrite true")
         return None
@@ -213,6 +229,24 @@ class Trainer:
                               f"model's context of {ctx} positions; lower --data.max_prompt_tokens or "
                               "--rollout.max_new_tokens / --eval.max_new_tokens")
 
+    def _reward_columns(self) -> list:
+        """The dataset columns reward functions receive by name: every column of the rows, except names
+        the trainer passes itself (warned about once). A reward function that requires an argument no
+        column or trainer argument provides is refused here, before anything runs."""
+        names = list(dict.fromkeys(k for ex in self.train_rows + self.eval_rows for k in ex.columns))
+        clash = [n for n in names if n in RESERVED]
+        if clash:
+            self.log(f"[rtpo] warning: dataset column(s) {', '.join(map(repr, clash))} have the name of a reward "
+                     "function argument; reward functions receive the trainer's value under that name")
+        names = [n for n in names if n not in RESERVED]
+        for name, (fn, _) in self.reward_fns.items():
+            miss = missing_arguments(fn, set(RESERVED) | set(names))
+            if miss:
+                raise ConfigError(f"reward function {name!r} requires argument(s) {', '.join(map(repr, miss))}, which "
+                                  f"no dataset column or trainer argument provides; dataset columns: "
+                                  f"{', '.join(names) or 'none'}; trainer arguments: {', '.join(sorted(RESERVED))}")
+        return names
+
     # --- data order: a pure function of (seed, step), so a resumed run sees the same prompts -----
     def batch_indices(self, step: int) -> list:
         n, B = len(self.train_rows), self.cfg.rollout.prompts_per_step
@@ -263,9 +297,11 @@ class Trainer:
                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p, eos_token_ids=self.eos_ids,
                                   stop_strings=tuple(c.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
         # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
-        outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen) if n else None
-                for variant, n in ((plain, n0), (hinted, G - n0))]
-        rows = {k: [] for k in ("prompts", "completions", "finish_reasons", "injected", "prefixes", "row_keep")}
+        tis = c.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
+        outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis)
+                if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
+        rows = {k: [] for k in ("prompts", "completions", "finish_reasons", "injected", "prefixes", "row_keep",
+                                "rollout_logprobs")}
         for g, (e, k) in enumerate(zip(encs, keeps)):
             for j in range(G):
                 hint = j >= n0
@@ -273,6 +309,7 @@ class Trainer:
                 prompt, injected = hinted[g] if hint else plain[g]
                 rows["prompts"].append(prompt)
                 rows["completions"].append(out.completions[r])
+                rows["rollout_logprobs"].append(out.logprobs[r] if out.logprobs is not None else None)
                 rows["finish_reasons"].append(out.finish_reasons[r])
                 rows["injected"].append(injected)
                 rows["row_keep"].append(k if hint else 0.0)
@@ -283,12 +320,30 @@ class Trainer:
                 "answers": [self.train_rows[idx[r // G]].answer for r in range(len(rows["prompts"]))],
                 "questions": [self.train_rows[idx[r // G]].question for r in range(len(rows["prompts"]))]}
 
+    def reward_kwargs(self, rows, prompts, completion_ids, texts, prefixes, finish_reasons, keeps,
+                      max_new_tokens) -> dict:
+        """The keyword arguments of every reward call (the signature is in rtpo/rewards.py), one entry per
+        completion: `rows` are the Examples the completions answer, `prompts` their prompt token ids."""
+        decoded, prompt_texts = {}, []
+        for p in prompts:  # the G rows of a group share one prompt list: decode it once
+            if id(p) not in decoded:
+                decoded[id(p)] = self.tok.decode(p, skip_special_tokens=False)
+            prompt_texts.append(decoded[id(p)])
+        kw = {name: [ex.columns.get(name) for ex in rows] for name in self.column_names}
+        kw.update(prompts=prompt_texts, completion_ids=[list(c) for c in completion_ids],
+                  responses=[p + t for p, t in zip(prefixes, texts)], questions=[ex.question for ex in rows],
+                  finish_reasons=list(finish_reasons), completion_lengths=[len(c) for c in completion_ids],
+                  keeps=[float(k) for k in keeps], max_new_tokens=max_new_tokens,
+                  think_open=self.cfg.curriculum.think_open, think_close=self.cfg.curriculum.think_close,
+                  step=self.step)
+        return kw
+
     def score(self, ro: dict) -> dict:
         texts = [self._decode(c) for c in ro["completions"]]
-        ctx = dict(responses=[p + t for p, t in zip(ro["prefixes"], texts)], questions=ro["questions"],
-                   finish_reasons=ro["finish_reasons"], completion_lengths=[len(c) for c in ro["completions"]],
-                   max_new_tokens=self.cfg.rollout.max_new_tokens, think_open=self.cfg.curriculum.think_open,
-                   think_close=self.cfg.curriculum.think_close)
+        G = self.cfg.rollout.num_generations
+        ctx = self.reward_kwargs([self.train_rows[ro["idx"][r // G]] for r in range(len(texts))], ro["prompts"],
+                                 ro["completions"], texts, ro["prefixes"], ro["finish_reasons"], ro["row_keep"],
+                                 self.cfg.rollout.max_new_tokens)
         try:
             total, per_fn = score(self.reward_fns, texts, ro["answers"], **ctx)
         except RewardError as e:
@@ -298,8 +353,10 @@ class Trainer:
         acc = per_fn.get("accuracy") or accuracy_reward(texts, ro["answers"], **ctx)
         adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
                                self.cfg.loss.adv_eps)
-        return {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts,
-                "group_idx": list(ro["idx"]), "group_keeps": list(ro["keeps"])}
+        sc = {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts,
+              "group_idx": list(ro["idx"]), "group_keeps": list(ro["keeps"])}
+        self._last_scored = (ro, sc, ctx["prompts"])  # samples.jsonl reads the step's rollout from here
+        return sc
 
     def _micro_batches(self, rows: list) -> list:
         m = self.cfg.optim.micro_batch_size
@@ -356,6 +413,8 @@ class Trainer:
                         sums["entropy"] += st["entropy_sum"].item() if "entropy_sum" in st else 0.0
                         sums["hint_nll"] += st.get("hint_nll", 0.0)
                         sums["hint_batches"] += "hint_nll" in st
+                        for k in ("tis_weight_sum", "tis_truncated_tokens", "logp_gap_sum"):
+                            sums[k] = sums.get(k, 0.0) + (st[k].item() if k in st else 0.0)
                 grad_norm = self._clip_and_norm()
                 if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -374,6 +433,9 @@ class Trainer:
             "hint_nll": sums["hint_nll"] / sums["hint_batches"] if sums["hint_batches"] else None,
             "time_update": time.perf_counter() - t_update, "time_old_logprobs": t_update - t0 - stats["time_reference"],
         })
+        if c.loss.tis_cap > 0:  # per token: mean TIS weight, fraction truncated, mean |log pi_old - log pi_rollout|
+            stats.update(tis_weight=sums["tis_weight_sum"] / tok, tis_truncated=sums["tis_truncated_tokens"] / tok,
+                         rollout_logp_gap=sums["logp_gap_sum"] / tok)
         return stats
 
     def _micro_loss(self, ro, sc, rows, hint, n_tokens, n_seqs, old_lp, ref_lp):
@@ -393,13 +455,24 @@ class Trainer:
             sc["advantages"][rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
             eps_high=c.loss.epsilon_high, beta=c.loss.beta, ref_logp=ref_lp[:, :T] if ref_lp is not None else None,
             entropy=ent_all[:n, :T].float() if ent_all is not None else None, entropy_coef=c.loss.entropy_coef,
-            n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens)
+            n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
+            rollout_logp=self._rollout_logprobs(ro, rows, T), tis_cap=c.loss.tis_cap, tis_level=c.loss.tis_level)
         st["tokens"] = int(mask.sum().item())
         if hint[0]:
             nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:])
             loss = loss + c.loss.hint_loss * nll
             st["hint_nll"] = nll.item()
         return loss, st
+
+    def _rollout_logprobs(self, ro, rows, T):
+        """[len(rows), T] the sampler's log-probs of the rows' tokens (0 on padding); None without TIS."""
+        if self.cfg.loss.tis_cap <= 0:
+            return None
+        out = torch.zeros((len(rows), T), dtype=torch.float32)
+        for a, i in enumerate(rows):
+            lps = ro["rollout_logprobs"][i]
+            out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        return out.to(self.device)
 
     def _hint_rows(self, ro, rows) -> tuple[list, list]:
         """(contexts, targets) of the hint loss for the groups that start in `rows` and carry a hint."""
@@ -455,14 +528,16 @@ class Trainer:
         }
         for name, vals in sc["per_fn"].items():
             row[f"reward/{name}"] = float(np.mean(vals))
+            row[f"reward_std/{name}"] = float(np.std(vals))
         row.update({k: v for k, v in up.items()})
         row["lr"] = self.scheduler.get_last_lr()[0]
         row.update({"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_step": time.perf_counter() - t0})
         return row
 
     # --- evaluation ----------------------------------------------------------------------------
-    def greedy_completions(self, prompts: list) -> tuple:
-        """Greedy completions (eval settings, in eval.batch_size chunks) -> (token lists, finish reasons)."""
+    def greedy_completions(self, prompts: list, progress=None) -> tuple:
+        """Greedy completions (eval settings, in eval.batch_size chunks) -> (token lists, finish reasons).
+        `progress(n)`, if given, is called after each chunk with its number of rows."""
         e = self.cfg.eval
         sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0, eos_token_ids=self.eos_ids,
                                   stop_strings=tuple(self.cfg.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
@@ -471,25 +546,71 @@ class Trainer:
             out = self._generate(prompts[i:i + e.batch_size], sampling, 1)
             comps += out.completions
             reasons += out.finish_reasons
+            if progress is not None:
+                progress(len(out.completions))
         return comps, reasons
 
     @torch.no_grad()
+    def evaluate_at(self, keep: float, encs: list, rows: list, progress=None) -> tuple:
+        """Greedy completions of `rows` (encoded as `encs`) prompted with their traces cut at `keep`
+        (0: the evaluation prompt, no hint), scored as in training -> (metrics, one record per row).
+        metrics: accuracy, format, reasoning_tokens and completion_tokens (generated tokens),
+        injected_tokens, and reward/<name> for every configured reward function."""
+        if not encs:
+            return {}, []
+        built = [self.builder.build(enc, keep) for enc in encs]
+        prompts = [p for p, _ in built]
+        prefixes = [self.builder.prefix_text(enc, keep) for enc in encs]
+        comps, reasons = self.greedy_completions(prompts, progress=progress)
+        texts = [self._decode(x) for x in comps]
+        answers = [r.answer for r in rows]
+        kw = self.reward_kwargs(rows, prompts, comps, texts, prefixes, reasons, [keep] * len(rows),
+                                self.cfg.eval.max_new_tokens)
+        acc = accuracy_reward(texts, answers, **kw)
+        fmt = format_reward(texts, answers, **kw)
+        try:
+            _, per_fn = score(self.reward_fns, texts, answers, **kw)
+        except RewardError as e:
+            raise TrainingError(f"evaluation at step {self.step}: {e}") from None
+        metrics = {"accuracy": float(np.mean(acc)), "format": float(np.mean(fmt)),
+                   "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in comps])),
+                   "completion_tokens": float(np.mean([len(x) for x in comps])),
+                   "injected_tokens": float(np.mean([k for _, k in built]))}
+        metrics.update({f"reward/{k}": float(np.mean(v)) for k, v in per_fn.items()})
+        records = [{"prompt": kw["prompts"][i], "keep": float(keep), "injected_tokens": built[i][1],
+                    "completion": texts[i], "answer": answers[i], "correct": bool(acc[i]),
+                    "rewards": {k: v[i] for k, v in per_fn.items()}, "finish_reason": reasons[i],
+                    "completion_tokens": len(comps[i]), "example": rows[i].index} for i in range(len(rows))]
+        return metrics, records
+
     def evaluate(self) -> dict:
         """Greedy, NO hint (the prompts a user would send), on the held-out rows."""
         e = self.cfg.eval
         encs, rows = self.eval_enc[: e.num_examples], self.eval_rows[: e.num_examples]
         if not encs:
             return {}
-        comps, reasons = self.greedy_completions([self.builder.build(enc, 0.0)[0] for enc in encs])
-        texts = [self._decode(x) for x in comps]
-        answers = [r.answer for r in rows]
-        kw = dict(think_open=self.cfg.curriculum.think_open, think_close=self.cfg.curriculum.think_close)
-        return {
-            "eval/accuracy": float(np.mean(accuracy_reward(texts, answers, **kw))),
-            "eval/format": float(np.mean(format_reward(texts, answers, finish_reasons=reasons, **kw))),
-            "eval/reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in comps])),
-            "eval/completion_tokens": float(np.mean([len(x) for x in comps])),
-        }
+        metrics, records = self.evaluate_at(0.0, encs, rows)
+        self._eval_samples = records[: self.cfg.log.sample_eval_rows]  # samples.jsonl
+        return {f"eval/{k}": v for k, v in metrics.items() if k != "injected_tokens"}
+
+    def sample_records(self, step: int, train: bool = True) -> list:
+        """samples.jsonl rows: every completion of the last scored rollout's first log.sample_groups
+        groups (prompt, hint fraction, completion, reward per function, advantage), then the records
+        of the last evaluation's first log.sample_eval_rows rows (once)."""
+        out, G = [], self.cfg.rollout.num_generations
+        last = getattr(self, "_last_scored", None)
+        if train and last is not None:
+            ro, sc, prompts = last
+            for r in range(min(self.cfg.log.sample_groups * G, len(ro["completions"]))):
+                out.append({"step": step, "split": "train", "group": r // G, "example": self.train_rows[ro["idx"][r // G]].index,
+                            "prompt": prompts[r], "keep": float(ro["row_keep"][r]), "injected_tokens": ro["injected"][r],
+                            "completion": sc["texts"][r], "answer": ro["answers"][r], "reward": float(sc["rewards"][r]),
+                            "rewards": {k: v[r] for k, v in sc["per_fn"].items()},
+                            "advantage": float(sc["advantages"][r]), "finish_reason": ro["finish_reasons"][r],
+                            "completion_tokens": len(ro["completions"][r])})
+        out += [{"step": step, "split": "eval", **rec} for rec in getattr(self, "_eval_samples", [])]
+        self._eval_samples = []
+        return out
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -508,7 +629,13 @@ class Trainer:
         ckpt.save_state(tmp, self.state_dict())
 
     def save(self) -> str:
-        path = ckpt.save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.checkpoint.keep_last)
+        try:
+            path = ckpt.save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.checkpoint.keep_last)
+        except OSError as e:  # e.g. a full disk: the failed save removed its folder, older checkpoints are untouched
+            older = ckpt.list_checkpoints(self.out)
+            kept = f"the previous checkpoint {older[-1][1]} is intact" if older else "no checkpoint was written before"
+            raise TrainingError(f"saving the checkpoint of step {self.step} failed: {e}; {kept}. Free space (or fix "
+                                "the folder), then continue with --resume auto") from None
         self.log(f"[rtpo] checkpoint saved: {path}")
         return path
 
@@ -529,15 +656,39 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        self._stop_signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self._signalled:  # a second signal: the user does not want to wait for the step to end
+            self._quit_now(name)
+        self._signalled = self._stop_signal = name
+        # os.write, not print: a handler that prints while the interrupted code prints raises
+        os.write(2, f"[rtpo] {name}: stopping after this step with a checkpoint; send {name} again to quit at "
+                    "once without saving\n".encode())
+
+    def _quit_now(self, name: str):
+        raise ForcedQuit(f"{name} received twice: quit without saving; the checkpoints in {self.out} are as they "
+                         "were: continue with --resume auto")
 
     def train(self) -> dict:
+        """Train to run.max_steps (or a stop), holding the run folder's lock throughout (rtpo/runlock.py)."""
+        os.makedirs(self.out, exist_ok=True)
+        lock = runlock.acquire(self.out, log=self.log) if self.writes_run_dir else None
+        try:
+            if self.resume_from is None:  # a fresh run over an old one (--run.overwrite): drop its checkpoints
+                ckpt.remove_checkpoints(self.out)
+            return self._train()
+        finally:
+            if lock:
+                lock.release()
+
+    def _train(self) -> dict:
         from tqdm.auto import tqdm
 
         c = self.cfg
-        os.makedirs(self.out, exist_ok=True)
         save_config(c, os.path.join(self.out, "config.json"))
         metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=self.step if self.resume_from else None)
+        samples = MetricsLog(os.path.join(self.out, "samples.jsonl"), resume_step=self.step if self.resume_from else None)
+        reporter = make_reporter(c.log.report_to, self.out, project=c.log.project, config=c.to_dict(),
+                                 resume_step=self.step if self.resume_from else None)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start, start = time.perf_counter(), self.step
         first_eval = last_eval = None
@@ -551,6 +702,9 @@ class Trainer:
                     first_eval = first_eval or row
                 row.update(self.train_step(self.step))
                 metrics.write(row)
+                reporter.log(row, self.step)
+                if self.step == 0 or (c.eval.every and self.step % c.eval.every == 0):
+                    samples.write_many(self.sample_records(self.step))
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", keep=f"{row['keep']:.2f}",
                                 wrong=f"{row['all_wrong_groups']:.2f}", right=f"{row['all_right_groups']:.2f}",
@@ -571,10 +725,13 @@ class Trainer:
             if c.eval.num_examples:
                 final.update(self.evaluate())
                 metrics.write(final)
+                reporter.log(final, self.step)
+                samples.write_many(self.sample_records(self.step, train=False))
                 last_eval = final
             path = self.save()
         finally:
             bar.close()
+            reporter.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         summary = {"steps": self.step, "checkpoint": path, "wall_seconds": time.perf_counter() - t_start,
@@ -587,8 +744,11 @@ class Trainer:
             png = plot_metrics(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
             self.log(f"[rtpo] plot: {png}" if png else "[rtpo] matplotlib not installed: no plot "
                      "(pip install 'rtpo[plot]')")
-        with open(os.path.join(self.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        ckpt.write_json(os.path.join(self.out, "summary.json"), summary)  # atomic: a kill leaves the old file or the new
+        if summary["eval_before"] and summary["eval_after"]:
+            self.log(before_after_table(summary["eval_before"], summary["eval_after"],
+                                        f"[rtpo] held-out, no hint ({min(c.eval.num_examples, len(self.eval_enc))} "
+                                        f"rows, greedy), step {start} -> {self.step}:"))
         return summary
 
     def _track_skips(self, row):

@@ -29,8 +29,8 @@ def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
         "model": model.config.to_dict(), "vocab": len(tokenizer), "init": weights.hexdigest(),
         "rows": hashlib.sha256("\n".join(e.question for e in examples).encode()).hexdigest(),
         "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed",
-                                                   "reasoning_fraction", "max_operands")},
-        "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt", "trace", "modulus")},
+                                                   "reasoning_fraction", "mix_from", "max_operands")},
+        "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt", "modulus")},
         "think": [cc.think_open, cc.think_close], "version": 2,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -50,19 +50,29 @@ def sft_batch(seqs: list, pad_id: int, device):
     return ids.to(device), attn.to(device), labels.to(device)
 
 
+def reasoning_probability(step: int, wc) -> float:
+    """Chance that a warm-start example at `step` shows its trace: 1 until mix_from of the steps
+    (the model learns to write the steps), then reasoning_fraction (which sets how often the model
+    starts reasoning on its own: the rest of the time it answers directly)."""
+    return 1.0 if step < wc.mix_from * wc.steps else wc.reasoning_fraction
+
+
 def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, seed=0, log=print):
     """AdamW on response tokens only, cosine LR decay. Returns the final mean loss."""
     rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
     encs = [(ex, builder.encode(ex)) for ex in examples]
-    data = [(enc.base, response_ids(builder, ex, enc, tokenizer.eos_token_id,
-                                    with_reasoning=rng.random() < wc.reasoning_fraction)) for ex, enc in encs]
+    data = [(enc.base, response_ids(builder, ex, enc, eos), response_ids(builder, ex, enc, eos, with_reasoning=False))
+            for ex, enc in encs]
     opt = torch.optim.AdamW(model.parameters(), lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))
     model.train()
     recent = []
     for step in range(wc.steps):
-        batch = rng.sample(data, min(wc.batch_size, len(data)))
+        p = reasoning_probability(step, wc)
+        batch = [(base, full if rng.random() < p else short)
+                 for base, full, short in rng.sample(data, min(wc.batch_size, len(data)))]
         ids, attn, labels = sft_batch(batch, tokenizer.pad_token_id, device)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)

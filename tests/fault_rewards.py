@@ -42,6 +42,15 @@ def sigint_reward(completions, answers, **ctx):
     return [0.0] * len(completions)
 
 
+def sigint_twice_reward(completions, answers, **ctx):
+    """0.0 for every completion; on the configured call, sends this process SIGINT twice (an
+    impatient Ctrl-C Ctrl-C)."""
+    if _next_call() == state["signal_at"]:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    return [0.0] * len(completions)
+
+
 def slow_zero(completions, answers, **ctx):
     """Sleeps RTPO_TEST_REWARD_SLEEP seconds: gives a test a window to signal a running train.py."""
     time.sleep(float(os.environ.get("RTPO_TEST_REWARD_SLEEP", "0") or 0))

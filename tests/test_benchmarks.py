@@ -37,30 +37,41 @@ def tiny_set(cache, hidden=32, layers=1, heads=2, kv=1, inter=64, ws_steps=4, si
 
 
 def test_rtpo_vs_grpo_smoke_writes_table_json_and_png(tmp_path, capsys):
-    """The comparison runs every arm for 2 seeds (quick preset, cut to 3 steps and a tiny model),
-    prints the table last, and writes a JSON holding each run's per-step curves and the per-arm
-    mean/std summary, plus the PNG."""
+    """The comparison runs every default arm for 2 seeds on the hard regime (quick preset, cut to 3
+    steps and a tiny model), prints the table last, and writes a JSON holding each run's per-step
+    curves (all-wrong fraction included) and the per-arm mean/std summary with the paired difference
+    to GRPO and its 95 % interval, plus the PNG."""
     bench = load_script("rtpo_vs_grpo")
     out = tmp_path / "res.json"
     res = bench.main(["--quick", "--steps", "3", "--eval-examples", "4", "--eval-every", "2",
                       "--workdir", str(tmp_path / "runs"), "--out", str(out)] + tiny_set(tmp_path / "cache"))
     printed = capsys.readouterr().out
-    assert printed.rstrip().splitlines()[-1].startswith("rtpo_adaptive")  # the table comes last
+    assert printed.rstrip().splitlines()[-1].startswith("rtpo_hint_loss")  # the table comes last
     data = json.loads(out.read_text())
-    assert [r["arm"] for r in data["summary"]] == list(bench.ARMS)
+    assert [r["arm"] for r in data["summary"]] == bench.DEFAULT_ARMS
+    assert data["rl_hyperparameters"]["warmstart"]["reasoning_fraction"] == 0.01  # --preset hard
     assert len(data["runs"]) == 4 * 2
     for run in data["runs"]:
         assert [s["step"] for s in run["steps"]] == [0, 1, 2]
-        assert {"keep", "reward", "reasoning_tokens", "accuracy"} <= set(run["steps"][0])
+        assert {"keep", "reward", "reasoning_tokens", "accuracy", "all_wrong_groups"} <= set(run["steps"][0])
         assert run["evals"][0]["step"] == 0 and run["evals"][-1]["step"] == 3
     grpo = [r for r in data["runs"] if r["arm"] == "grpo"]
     assert all(s["keep"] == 0.0 for r in grpo for s in r["steps"])
-    linear = [r for r in data["runs"] if r["arm"] == "rtpo_linear"]
-    assert all(r["steps"][0]["keep"] == 1.0 for r in linear)
+    cosine = [r for r in data["runs"] if r["arm"] == "rtpo_cosine"]
+    assert all(r["steps"][0]["keep"] == 1.0 for r in cosine)
     row = data["summary"][1]
     assert len(row["final_acc"]) == 2 and row["d_final_acc"] is not None  # mean, std; paired diff to GRPO
+    assert len(row["d_final_acc_ci95"]) == 2  # mean, 95 % half-width
     assert os.path.getsize(res["png"]) > 0
     assert data["rl_hyperparameters"]["optim"]["lr"] > 0  # the defaults used are recorded
+
+
+def test_t_interval_matches_a_hand_computed_example():
+    """Paired differences [1, 2, 3]: mean 2, sd 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732."""
+    bench = load_script("rtpo_vs_grpo")
+    m, h = bench.t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 / 3 ** 0.5)
+    assert bench.t_interval([0.5]) == (0.5, None)
 
 
 def test_rtpo_vs_grpo_takes_rl_hyperparameters_from_project_defaults():

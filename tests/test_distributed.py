@@ -275,7 +275,7 @@ def torchrun(*args):
 
 def only_rank0_outputs(run):
     """The run folder holds one set of outputs (rank 0's); ranks > 0 wrote none of theirs there."""
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "samples.jsonl", "summary.json"]
 
 
 def cpu_adam_built() -> bool:

@@ -349,3 +349,27 @@ def test_bf16_greedy_matches_hf_generate():
     m = tiny_model("llama", seed=2, dtype=torch.bfloat16)
     p = PROMPTS[1]
     assert run(m, prompts=[p], n=8, sc=dict(temperature=0.0)).completions[0] == hf_greedy(m, [p], 8, V + 1)[0]
+
+
+@pytest.mark.parametrize("share_prefix,cache", [(True, "dynamic"), (False, "static")])
+def test_returned_logprobs_are_the_trainers_logprobs_of_the_sampled_tokens(qwen, share_prefix, cache):
+    """return_logprobs gives, per generated token, log_softmax(logits / T) at the sampled token: the
+    trainer's own log-prob pass (rtpo.logprobs, fused kernel) on the same prompt + completion agrees
+    within 1e-4 in float32 (what truncated importance sampling divides by), with top-k on and rows
+    finishing at different steps (compaction); the sampled tokens are those of a call without it."""
+    from rtpo.logprobs import collate, completion_logprobs
+
+    s = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=20, eos_token_ids=(3, 11), pad_token_id=0)
+    a = generate(qwen, PROMPTS, s, num_samples=3, generator=torch.Generator().manual_seed(4), share_prefix=share_prefix,
+                 cache=cache, return_logprobs=True)
+    b = generate(qwen, PROMPTS, s, num_samples=3, generator=torch.Generator().manual_seed(4), share_prefix=share_prefix,
+                 cache=cache)
+    assert a.completions == b.completions and b.logprobs is None
+    assert [len(x) for x in a.logprobs] == [len(c) for c in a.completions]
+    assert len({len(c) for c in a.completions}) > 1  # some rows stopped early
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    batch = collate(prompts, a.completions, 0)
+    with torch.no_grad():
+        lp, _ = completion_logprobs(qwen, batch, temperature=0.7, with_entropy=False)
+    for i, row in enumerate(a.logprobs):
+        assert torch.allclose(torch.tensor(row), lp[i, :len(row)].float(), atol=1e-4)

@@ -145,3 +145,179 @@ def test_hint_nll_is_the_mean_negative_loglik_of_hint_tokens(seed):
     poisoned[(mask == 0) & (torch.arange(6) % 2 == 0)] = float("-inf")
     assert hint_nll(poisoned.float(), mask).item() == pytest.approx(want, rel=1e-6)
     assert hint_nll(logp, torch.zeros_like(mask)).item() == 0.0
+
+
+# --- GSPO (sequence-level importance ratio) and truncated importance sampling ----------------------
+
+def reference_gspo(logp, old, adv, mask, loss_type, el, eh, max_len):
+    """GSPO's sequence objective in float64 loops: s_i = exp(mean_t(logp - old)) over i's tokens,
+    per-sequence loss -min(s_i A_i, clip(s_i) A_i) on each of its tokens, then the loss_type's
+    aggregation (with grpo this is the paper's -1/G sum_i min(s_i A_i, clip(s_i) A_i))."""
+    B, T = len(logp), len(logp[0])
+    per_seq, counts = [], []
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i][t]]
+        s = math.exp(sum(logp[i][t] - old[i][t] for t in toks) / max(len(toks), 1))
+        per_seq.append(-min(s * adv[i], min(max(s, 1 - el), 1 + eh) * adv[i]))
+        counts.append(len(toks))
+    if loss_type == "grpo":
+        return sum(l for l, c in zip(per_seq, counts) if c) / B
+    total = sum(l * c for l, c in zip(per_seq, counts))
+    return total / sum(counts) if loss_type == "dapo" else total / (B * max_len)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gspo_matches_float64_sequence_reference(loss_type, seed):
+    """importance=sequence equals the float64 GSPO reference within 1e-6 (float32 inputs), with
+    GSPO's small clip range 3e-4 / 4e-4 (most sequences clipped) and a wide one (none clipped)."""
+    logp, old, _, adv, mask = _inputs(seed)
+    old = logp + 0.01 * (old - logp)  # GSPO's sequence ratios sit near 1
+    for el, eh in ((3e-4, 4e-4), (0.5, 0.5)):
+        want = reference_gspo(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), loss_type, el, eh, 9)
+        got, _ = policy_loss(logp.float(), old.float(), adv.float(), mask.float(), loss_type=loss_type,
+                             eps_low=el, eps_high=eh, max_len=9, importance="sequence")
+        assert abs(got.item() - want) < 1e-6 * max(1.0, abs(want))
+
+
+def test_gspo_token_form_has_the_sequence_objectives_gradient():
+    """With loss_type grpo, the gradient of the token-level form (s_it = sg[s_i] pi_t / sg[pi_t])
+    equals, in float64, autograd's gradient of the paper's sequence objective
+    -1/B sum_i min(s_i A_i, clip(s_i) A_i) with s_i a differentiable function of the log-probs."""
+    logp, old, _, adv, mask = _inputs(7)
+    old = logp + 0.05 * (old - logp)
+    lp = logp.clone().requires_grad_(True)
+    got, _ = policy_loss(lp, old, adv, mask, loss_type="grpo", eps_low=0.02, eps_high=0.03, importance="sequence")
+    got.backward()
+    lp2 = logp.clone().requires_grad_(True)
+    s = torch.exp(((lp2 - old) * mask).sum(-1) / mask.sum(-1))
+    want = -torch.min(s * adv, torch.clamp(s, 1 - 0.02, 1 + 0.03) * adv).mean()
+    want.backward()
+    assert abs(got.item() - want.item()) < 1e-12
+    assert torch.allclose(lp.grad, lp2.grad * mask, atol=1e-12)
+    assert lp.grad.abs().sum() > 0  # not everything clipped
+
+
+def test_gspo_hand_computed_example():
+    """One sequence of 2 tokens with logp - old = (0.1, 0.3): s = e^0.2 = 1.22140. With A = 1 and
+    eps_high 0.28 it is unclipped: loss -1.22140, d loss / d logp_t = -s / 2 = -0.61070 (grpo); with
+    eps_high 0.2 it is clipped at 1.2: loss -1.2, gradient 0; with A = -1: loss +1.22140, gradient
+    +0.61070 (the lower clip does not bind above 1)."""
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    for adv, eh, loss_want, grad_want in ((1.0, 0.28, -1.2214028, -0.6107014), (1.0, 0.2, -1.2, 0.0),
+                                          (-1.0, 0.2, 1.2214028, 0.6107014)):
+        lp = torch.tensor([[0.1, 0.3]], dtype=torch.float64, requires_grad=True)
+        loss, st = policy_loss(lp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64),
+                               loss_type="grpo", eps_low=0.2, eps_high=eh, importance="sequence")
+        loss.backward()
+        assert loss.item() == pytest.approx(loss_want, abs=1e-7)
+        assert lp.grad[0].tolist() == pytest.approx([grad_want, grad_want], abs=1e-7)
+        assert st["clipped_tokens"].item() == (2 if grad_want == 0 else 0)
+
+
+def test_gspo_on_policy_equals_token_level():
+    """On-policy (old = logp.detach()) s_i = 1, so GSPO's loss and gradient equal the token ratio's."""
+    logp, _, _, adv, mask = [x.float() for x in _inputs(8)]
+    grads = []
+    for imp in ("token", "sequence"):
+        lp = logp.clone().requires_grad_(True)
+        loss, _ = policy_loss(lp, lp.detach(), adv, mask, loss_type="dapo", importance=imp)
+        loss.backward()
+        grads.append((loss.item(), lp.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-7) and torch.allclose(grads[0][1], grads[1][1], atol=1e-7)
+
+
+def reference_tis(logp, old, rollout, adv, mask, level, cap, el, eh):
+    """dapo loss with truncated importance weights, float64 loops: w = min(pi_old / pi_rollout, cap)
+    per token, or min(prod_t pi_old / pi_rollout, cap) per sequence, on the clipped surrogate."""
+    total, n = 0.0, 0
+    for i in range(len(logp)):
+        toks = [t for t in range(len(logp[0])) if mask[i][t]]
+        seq_w = min(math.exp(sum(old[i][t] - rollout[i][t] for t in toks)), cap)
+        for t in toks:
+            w = seq_w if level == "sequence" else min(math.exp(old[i][t] - rollout[i][t]), cap)
+            rho = math.exp(logp[i][t] - old[i][t])
+            total += -w * min(rho * adv[i], min(max(rho, 1 - el), 1 + eh) * adv[i])
+            n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tis_matches_float64_reference(level, seed):
+    """policy_loss with tis_cap weights the clipped surrogate by the truncated ratio of the old
+    policy to the rollout's own log-probs, as the float64 reference does (within 1e-6)."""
+    logp, old, rollout, adv, mask = _inputs(seed)
+    rollout = old + (rollout - logp)  # the sampler's numerics differ from the trainer's by ~0.5 nats
+    want = reference_tis(logp.tolist(), old.tolist(), rollout.tolist(), adv.tolist(), mask.tolist(), level, 1.2,
+                         0.2, 0.28)
+    got, st = policy_loss(logp.float(), old.float(), adv.float(), mask.float(), loss_type="dapo", eps_low=0.2,
+                          eps_high=0.28, rollout_logp=rollout.float(), tis_cap=1.2, tis_level=level)
+    assert abs(got.item() - want) < 1e-6 * max(1.0, abs(want))
+    assert 0 < st["tis_truncated_tokens"].item() < mask.sum().item()
+
+
+def test_tis_hand_computed_example():
+    """old - rollout = (ln 3, ln 0.5) with cap 2: token weights (2, 0.5), one truncated token; the
+    sequence weight is min(3 * 0.5, 2) = 1.5 on both. On-policy with A = 1 the dapo loss is
+    -mean(w): -1.25 (token) and -1.5 (sequence); its gradient is -w / 2 per token."""
+    old = torch.tensor([[math.log(0.3), math.log(0.2)]], dtype=torch.float64)
+    rollout = old - torch.tensor([[math.log(3.0), math.log(0.5)]], dtype=torch.float64)
+    for level, w in (("token", [2.0, 0.5]), ("sequence", [1.5, 1.5])):
+        lp = old.clone().requires_grad_(True)
+        loss, st = policy_loss(lp, old, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64),
+                               loss_type="dapo", rollout_logp=rollout, tis_cap=2.0, tis_level=level)
+        loss.backward()
+        assert loss.item() == pytest.approx(-sum(w) / 2, abs=1e-12)
+        assert lp.grad[0].tolist() == pytest.approx([-w[0] / 2, -w[1] / 2], abs=1e-12)
+        assert st["tis_truncated_tokens"].item() == (1 if level == "token" else 0)
+
+
+def test_tis_weight_is_one_when_rollout_numerics_agree_and_kl_is_not_weighted():
+    """rollout log-probs equal to the old ones give weight 1: the loss equals the plain loss, also
+    with a KL term (which TIS never weights)."""
+    logp, old, ref, adv, mask = [x.float() for x in _inputs(9)]
+    plain, _ = policy_loss(logp, old, adv, mask, beta=0.1, ref_logp=ref)
+    tis, st = policy_loss(logp, old, adv, mask, beta=0.1, ref_logp=ref, rollout_logp=old.clone(), tis_cap=2.0)
+    assert tis.item() == pytest.approx(plain.item(), abs=1e-7)
+    assert st["tis_weight_sum"].item() == pytest.approx(mask.sum().item()) and st["logp_gap_sum"].item() == 0
+
+
+def test_tis_sequence_weight_never_overflows():
+    """A long sequence whose summed log-ratio is huge is capped in log space: weight = cap, finite."""
+    from rtpo.losses import tis_weights
+
+    old, rollout, mask = torch.zeros(1, 4000), torch.full((1, 4000), -1.0), torch.ones(1, 4000)
+    w = tis_weights(old, rollout, mask, 2.0, "sequence")
+    assert torch.isfinite(w).all() and torch.allclose(w, torch.full_like(w, 2.0))
+
+
+@pytest.mark.parametrize("importance", ["token", "sequence"])
+def test_poisoned_padding_changes_nothing_with_gspo_and_tis(importance):
+    """inf/nan in padding positions of logp, old, rollout log-probs change neither the GSPO/TIS loss
+    nor the gradient of real tokens."""
+    logp, old, rollout, adv, mask = [x.float() for x in _inputs(10)]
+    results = []
+    for poison in (None, float("inf"), float("nan")):
+        lp, o, r = logp.clone(), old.clone(), rollout.clone()
+        if poison is not None:
+            pad = mask == 0
+            lp[pad], o[pad], r[pad] = poison, -poison if poison == poison else poison, poison
+        lp.requires_grad_(True)
+        loss, _ = policy_loss(lp, o, adv, mask, loss_type="grpo", importance=importance, rollout_logp=r,
+                              tis_cap=2.0, tis_level="sequence")
+        loss.backward()
+        results.append((loss.item(), lp.grad[mask.bool()].clone()))
+    for loss, grad in results[1:]:
+        assert loss == results[0][0] and torch.equal(grad, results[0][1])
+
+
+def test_importance_registry_and_config_accept_the_same_names():
+    """loss.importance accepts exactly the registry's keys; a wrong one is a ConfigError naming it."""
+    from rtpo.config import ConfigError, parse_args
+    from rtpo.losses import IMPORTANCE
+
+    assert sorted(IMPORTANCE) == ["sequence", "token"]
+    assert parse_args(["--loss.importance", "sequence", "--loss.tis_cap", "2"]).loss.importance == "sequence"
+    with pytest.raises(ConfigError, match="loss.importance = 'seq'"):
+        parse_args(["--loss.importance", "seq"])

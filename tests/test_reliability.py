@@ -1,20 +1,34 @@
 """Reliability (issue 5): exact resume, atomic checkpoints, preemption, numeric faults, bad input,
-and user reward code that runs only from the config's explicit `module:function`.
+and user reward code that runs only from the config's explicit `module:function`. Round 2 (issue
+14, sections 7-10): damaged checkpoints, one run per folder, file-system faults, crash anywhere.
 
 The SIGKILL and SIGTERM tests run `python train.py` in a subprocess, as a user or a scheduler
 would. The others call `train.main(argv)` in-process: the same code path (argument parsing, the
-trainer, the exception -> exit code mapping) without a 5 s interpreter start per case.
+trainer, the exception -> exit code mapping) without a 5 s interpreter start per case. The
+crash-anywhere test forks this process, whose imports are done, so that each of its many killed
+runs starts in a fraction of a second.
 """
 
 import ast
+import contextlib
+import errno
+import io
 import json
 import math
 import os
+import random
 import re
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,8 +37,9 @@ from safetensors.torch import load_file
 import fault_rewards
 import train
 from conftest import ROOT, tiny_args
-from rtpo.checkpoint import CKPT_DIR, list_checkpoints, load_state
-from rtpo.config import parse_args
+from rtpo import checkpoint as ckpt, runlock
+from rtpo.checkpoint import CKPT_DIR, MANIFEST, STATE_FILE, list_checkpoints, load_state
+from rtpo.config import ConfigError, parse_args
 from rtpo.metrics import read_metrics
 from rtpo.synthetic import make_dataset
 from rtpo.trainer import Trainer
@@ -171,7 +186,7 @@ def test_checkpoint_holds_all_state_resume_needs(reference):
     assert st["step"] == 2
     assert st["optimizer"]["state"], "the optimizer moments are saved"
     assert st["scheduler"]["last_epoch"] == 2
-    assert st["curriculum"] == {"adaptive_keep": 0.5}, "the adaptive keep has moved: resume depends on it"
+    assert st["curriculum"] == {"adaptive_keep": 0.5, "example_keep": {}}, "the adaptive keep has moved: resume needs it"
     assert isinstance(st["generator"], torch.Tensor) and st["generator"].numel() > 0
     assert {"python", "numpy", "torch"} <= set(st["rng"])
 
@@ -525,3 +540,533 @@ def test_code_in_dataset_rows_is_never_run(tmp_path, cache, capfd):
                                 "--eval.num_examples", "2"), capfd)
     assert rc == 0, err
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ 7. damaged checkpoints
+def damage(path, how: str) -> str:
+    """Damage checkpoint folder `path` as a full disk, a bad copy or a stray `rm` would -> the file hit."""
+    state, weights_file = os.path.join(path, STATE_FILE), os.path.join(path, "model.safetensors")
+    if how in ("state_truncated", "unmanifested_state_truncated"):
+        if how.startswith("unmanifested"):  # as written before checkpoints had manifests
+            os.remove(os.path.join(path, MANIFEST))
+        os.truncate(state, os.path.getsize(state) // 2)
+        return state
+    if how == "weights_missing":
+        os.remove(weights_file)
+        return weights_file
+    assert how == "weights_altered"  # same size, one byte flipped
+    with open(weights_file, "r+b") as f:
+        f.seek(os.path.getsize(weights_file) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return weights_file
+
+
+@pytest.fixture
+def run_copy(reference, tmp_path):
+    """A copy of the reference run (checkpoints at steps 2 and 4), to damage."""
+    return Path(shutil.copytree(reference, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("how", ["state_truncated", "weights_missing", "weights_altered",
+                                 "unmanifested_state_truncated"])
+def test_verify_names_the_damaged_file(how, run_copy):
+    """checkpoint.verify passes an intact checkpoint and, for each kind of damage (a truncated
+    trainer state, a deleted or altered weights file, a truncated state in a checkpoint without a
+    manifest), raises CheckpointError naming the damaged file."""
+    step4 = os.path.join(run_copy, CKPT_DIR, "step_000004")
+    ckpt.verify(step4)
+    bad = damage(step4, how)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(bad)):
+        ckpt.verify(step4)
+
+
+@pytest.mark.parametrize("how", ["state_truncated", "weights_missing"])
+def test_resume_auto_skips_a_damaged_newest_checkpoint_in_one_line(how, run_copy, cache, reference, capfd):
+    """`--resume auto` verifies the newest checkpoint before using it: a damaged one (trainer state
+    cut in half, weights file deleted) is reported in one warning line naming the file, the newest
+    intact checkpoint is used instead, and the finished run equals an uninterrupted one."""
+    step2, step4 = (os.path.join(run_copy, CKPT_DIR, f"step_00000{s}") for s in (2, 4))
+    bad = damage(step4, how)
+    rc, log, err = main(ref_args(run_copy, cache, "--resume", "auto"), capfd)
+    assert rc == 0, err
+    warnings = [ln for ln in log.splitlines() if "damaged" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"[rtpo] warning: skipping damaged checkpoint {step4}: {bad} "), log
+    assert f"[rtpo] resuming from {step2}" in log
+    assert_same_run(reference, run_copy)
+
+
+def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
+    """Re-saving a step moves the old copy aside and deletes it only once the new one is in place:
+    a crash between the two renames leaves step N listed (its old copy), verified intact and
+    resumable, and the next save puts it back in place and removes every leftover."""
+    def writer(tag):
+        def write(tmp):
+            os.makedirs(tmp)
+            torch.save({"tag": tag}, os.path.join(tmp, STATE_FILE))
+            for name in ("config.json", "model.safetensors"):
+                Path(tmp, name).write_text(tag)
+        return write
+
+    run = tmp_path / "run"
+    first = ckpt.save_checkpoint(run, 2, writer("old"))
+
+    class Crash(BaseException):
+        pass
+
+    def crash_at_aside(moment):
+        if "old copy moved aside" in moment:
+            raise Crash(moment)  # a process dying here runs no cleanup either
+
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(ckpt, "crash_point", crash_at_aside)
+        ckpt.save_checkpoint(run, 2, writer("new"))
+    [(step, path)] = list_checkpoints(run)
+    assert step == 2 and os.path.basename(path) == ".replaced-step_000002" and not os.path.exists(first)
+    assert ckpt.resolve_resume(str(run)) == path and load_state(path)["tag"] == "old"  # verified intact
+    ckpt.save_checkpoint(run, 4, writer("next"))
+    assert sorted(os.listdir(run / CKPT_DIR)) == ["step_000002", "step_000004"]
+    assert load_state(first)["tag"] == "old"
+
+
+def test_overwrite_starts_clean_without_the_old_runs_checkpoints(tmp_path, cache, capfd):
+    """`--run.overwrite true` over a finished run deletes its checkpoints: afterwards the folder holds
+    only the new run's checkpoints and metrics."""
+    out = tmp_path / "run"
+    flags = ["--eval.num_examples", "0", "--checkpoint.keep_last", "0"]
+    assert main(tiny_args(out, cache, *flags, "--checkpoint.every", "1"), capfd)[0] == 0
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3, 4]
+    rc, _, err = main(tiny_args(out, cache, *flags, "--max_steps", "2", "--run.overwrite", "true"), capfd)
+    assert rc == 0, err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert sorted(os.listdir(out / CKPT_DIR)) == ["step_000002"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
+
+
+# ------------------------------------------------------------------------------ 8. one run per folder
+def test_run_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    """While a run holds its folder's lock, checking or taking it fails with an error naming the
+    holder's PID, host and start time; release() deletes the lock file; a lock file left by a run
+    that is gone (its flock is free) is taken over with one warning naming that run."""
+    lock = runlock.acquire(str(tmp_path), log=quiet)
+    held = f"PID {os.getpid()} on host {socket.gethostname()}, started "
+    for attempt in (lambda: runlock.check_output_dir(str(tmp_path)), lambda: runlock.acquire(str(tmp_path))):
+        with pytest.raises(ConfigError, match=re.escape(held)):
+            attempt()
+    lock.release()
+    assert not (tmp_path / runlock.LOCK_FILE).exists()
+    (tmp_path / runlock.LOCK_FILE).write_text('{"pid": 4242, "host": "gone-host", "started": "yesterday"}')
+    logs = []
+    lock = runlock.acquire(str(tmp_path), log=logs.append)
+    assert logs == [f"[rtpo] warning: taking over the lock of {tmp_path} from a run that is gone "
+                    "(PID 4242 on host gone-host, started yesterday)"]
+    lock.release()
+
+
+@pytest.mark.slow
+def test_second_run_on_a_busy_folder_exits_2_and_a_killed_runs_lock_is_taken_over(tmp_path, cache, reference, capfd):
+    """A second train.py on the output folder of a running one exits 2 with one error line naming
+    the holder (PID, host, start time) and leaves the running run's files alone; once the first is
+    killed with SIGKILL, `--resume auto` takes its lock over with a warning naming it and the
+    finished run equals an uninterrupted one."""
+    out = tmp_path / "run"
+    proc, stdout, stderr = start_train(ref_args(out, cache), tmp_path, "first", RTPO_TEST_REWARD_SLEEP="0.5")
+    try:
+        wait_for(lambda: len(step_rows(out / "metrics.jsonl")) >= 1, proc, "the first step", stderr)
+        rows = step_rows(out / "metrics.jsonl")
+        rc, _, err = main(ref_args(out, cache, "--run.overwrite", "true"), capfd)
+        line = error_line(err)
+        assert rc == 2 and f"is in use by another run (PID {proc.pid} on host {socket.gethostname()}, started " in line
+        assert step_rows(out / "metrics.jsonl")[:len(rows)] == rows  # not removed by the refused overwrite
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rc, log, err = main(ref_args(out, cache, "--resume", "auto"), capfd)
+    assert rc == 0, err
+    assert f"taking over the lock of {out} from a run that is gone (PID {proc.pid} on host" in log
+    assert not (out / runlock.LOCK_FILE).exists()
+    assert_same_run(reference, out)
+
+
+def test_second_sigint_quits_at_once_without_saving(tmp_path, cache, capfd, faults):
+    """Ctrl-C says that a second one quits at once; a second Ctrl-C during the same step quits
+    without finishing the step or saving: exit 130, one error line saying so, no new checkpoint,
+    the lock released, and the run continues from its last checkpoint with --resume auto."""
+    faults.configure(signal_at=2)
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, *custom("sigint_twice_reward"), "--eval.num_examples", "0", "--checkpoint.every", "1")
+    rc, log, err = main(args, capfd)
+    assert rc == 130
+    assert "[rtpo] SIGINT: stopping after this step with a checkpoint; send SIGINT again to quit at once" in err
+    assert error_line(err) == (f"error: SIGINT received twice: quit without saving; the checkpoints in {out} are as "
+                               "they were: continue with --resume auto")
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]  # step 2 was not finished, nor saved as step 3
+    assert not (out / runlock.LOCK_FILE).exists()
+    faults.configure()
+    assert main([*args, "--resume", "auto"], capfd)[0] == 0
+
+
+# ------------------------------------------------------------------------------ 9. file-system faults
+@contextlib.contextmanager
+def unprivileged():
+    """Runs the block as user `nobody` when the tests run as root (who may read and write anything),
+    so that permission faults are real; the saved user id stays root's, to switch back."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setresgid(65534, 65534, 0)
+    os.setresuid(65534, 65534, 0)
+    try:
+        yield
+    finally:
+        os.setresuid(0, 0, 0)
+        os.setresgid(0, 0, 0)
+
+
+class NotInstalled:
+    """A meta-path finder under which the named top-level packages are not installed."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def without_packages(monkeypatch, *names):
+    for n in names:
+        monkeypatch.delitem(sys.modules, n, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled(*names), *sys.meta_path])
+
+
+@pytest.fixture
+def fault_env(reference, cache, inputs, monkeypatch):
+    """A scratch folder every user can enter (pytest's is private to root) holding a copy of the
+    reference run whose folder anyone may write."""
+    import datasets  # noqa: F401  (imported once as root: as `nobody` its cache folder is out of reach)
+
+    tmp = Path(tempfile.mkdtemp(prefix="rtpo-faults-"))
+    os.chmod(tmp, 0o777)
+    run = Path(shutil.copytree(reference, tmp / "run"))
+    os.chmod(run, 0o777)
+    env = SimpleNamespace(tmp=tmp, run=run, cache=cache, inputs=inputs, monkeypatch=monkeypatch, lock=None,
+                          step=lambda s: run / CKPT_DIR / f"step_{s:06d}")
+    yield env
+    if env.lock:
+        env.lock.release()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def listing(root) -> dict:
+    """Every path under root with its size and mtime (stat only: some files are unreadable on purpose)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*")}
+
+
+FAULTS = {}  # name -> (setup(env) -> (argv, substrings of the error line), run as an unprivileged user)
+
+
+def fault(unprivileged=False):
+    def register(setup):
+        FAULTS[setup.__name__] = (setup, unprivileged)
+        return setup
+    return register
+
+
+@fault()
+def output_dir_is_a_file(e):
+    (e.tmp / "file").write_text("x")
+    return tiny_args(e.tmp / "file", e.cache), ["run.output_dir", "file'", "is a file, not a folder", "--output_dir"]
+
+
+@fault()
+def output_dir_inside_a_file(e):
+    (e.tmp / "file").write_text("x")
+    return tiny_args(e.tmp / "file" / "run", e.cache), ["run.output_dir", "which is a file", "--output_dir"]
+
+
+@fault(unprivileged=True)
+def output_dir_permission_denied(e):
+    (e.tmp / "readonly").mkdir(mode=0o555)
+    return (tiny_args(e.tmp / "readonly" / "run", e.cache),
+            ["run.output_dir", "permission denied", "readonly", "--output_dir"])
+
+
+@fault()
+def output_dir_in_use_by_a_live_run(e):
+    e.lock = runlock.acquire(str(e.run), log=quiet)  # as a running train.py holds it; released after the test
+    return (tiny_args(e.run, e.cache, "--resume", "auto"),
+            ["run.output_dir", "is in use by another run", f"PID {os.getpid()} on host", "started", runlock.LOCK_FILE])
+
+
+@fault()
+def model_folder_without_config_or_tokenizer(e):
+    (e.tmp / "model").mkdir()
+    shutil.copy(e.step(4) / "model.safetensors", e.tmp / "model")
+    return (tiny_args(e.tmp / "out", e.cache, "--model", e.tmp / "model", *DATA),
+            ["model.name", "is a folder without config.json, a tokenizer (tokenizer.json", "save_pretrained"])
+
+
+@fault()
+def model_folder_with_truncated_weights(e):
+    shutil.copytree(e.step(4), e.tmp / "model")
+    os.truncate(e.tmp / "model" / "model.safetensors", 1000)
+    return (tiny_args(e.tmp / "out", e.cache, "--model", e.tmp / "model", *DATA),
+            ["model.name", "transformers cannot load this folder", "truncated or damaged"])
+
+
+@fault(unprivileged=True)
+def dataset_unreadable(e):
+    shutil.copy(e.inputs["good"], e.tmp / "data.jsonl")
+    os.chmod(e.tmp / "data.jsonl", 0)
+    return (tiny_args(e.tmp / "out", e.cache, "--dataset", e.tmp / "data.jsonl", *DATA),
+            ["data.jsonl: Permission denied (EACCES)", "check that path"])
+
+
+@fault()
+def dataset_is_a_folder(e):
+    return tiny_args(e.tmp / "out", e.cache, "--dataset", e.tmp, *DATA), ["data.dataset", "unsupported file type"]
+
+
+@fault(unprivileged=True)
+def config_file_unreadable(e):
+    (e.tmp / "cfg.json").write_text('{"optim": {"lr": 0.001}}')
+    os.chmod(e.tmp / "cfg.json", 0)
+    return tiny_args(e.tmp / "out", e.cache, "--config", e.tmp / "cfg.json"), ["cfg.json: Permission denied (EACCES)"]
+
+
+@fault()
+def warmstart_cache_dir_is_a_file(e):
+    (e.tmp / "file").write_text("x")
+    return tiny_args(e.tmp / "out", e.tmp / "file"), ["file: is a file, not a folder (ENOTDIR)"]
+
+
+def _resume_damaged(e, how):
+    bad = damage(e.step(4), how)
+    return (tiny_args(e.run, e.cache, "--resume", e.step(4)),
+            ["run.resume", f"checkpoint {e.step(4)} cannot be resumed from", bad, "older checkpoint"])
+
+
+@fault()
+def resume_checkpoint_state_truncated(e):
+    return _resume_damaged(e, "state_truncated")
+
+
+@fault()
+def resume_checkpoint_weights_missing(e):
+    return _resume_damaged(e, "weights_missing")
+
+
+@fault()
+def resume_checkpoint_weights_altered(e):
+    return _resume_damaged(e, "weights_altered")
+
+
+@fault()
+def resume_unmanifested_checkpoint_truncated(e):
+    return _resume_damaged(e, "unmanifested_state_truncated")
+
+
+@fault(unprivileged=True)
+def resume_checkpoint_unreadable(e):
+    os.chmod(e.step(4) / "model.safetensors", 0o644)  # transformers writes it 0600: only its own file is unreadable
+    os.chmod(e.step(4) / STATE_FILE, 0)
+    return (tiny_args(e.run, e.cache, "--resume", e.step(4)),
+            [f"{e.step(4) / STATE_FILE} cannot be read (Permission denied)"])
+
+
+@fault()
+def resume_auto_every_checkpoint_damaged(e):
+    damage(e.step(2), "weights_missing")
+    damage(e.step(4), "state_truncated")
+    return tiny_args(e.run, e.cache, "--resume", "auto"), ["every checkpoint in", "is damaged", "--run.overwrite true"]
+
+
+@fault()
+def optional_package_yaml_missing(e):
+    (e.tmp / "cfg.yaml").write_text("optim:\n  lr: 0.001\n")
+    without_packages(e.monkeypatch, "yaml")
+    return tiny_args(e.tmp / "out", e.cache, "--config", e.tmp / "cfg.yaml"), ["No module named 'yaml'", "'pyyaml'"]
+
+
+@fault()
+def optional_package_deepspeed_missing(e):
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("DS_ACCELERATOR", "cpu")):
+        e.monkeypatch.setenv(k, v)  # what DistributedTrainer would set in os.environ, restored afterwards
+    without_packages(e.monkeypatch, "deepspeed")
+    return (tiny_args(e.tmp / "out", e.cache, "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")),
+            ["DeepSpeed cannot be imported", "pip install deepspeed"])
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_expected_failure_ends_in_one_error_line_exit_2(name, fault_env, capfd):
+    """Each expected failure found before training (a bad path, an unreadable file, a damaged
+    checkpoint, an output folder this user cannot write or a live run holds, a missing optional
+    package) ends with exactly one stderr line `error: ...` naming the path, file or package (no
+    traceback) and exit code 2, and changes nothing on disk."""
+    setup, as_nobody = FAULTS[name]
+    argv, expected = setup(fault_env)
+    before = listing(fault_env.tmp)
+    with unprivileged() if as_nobody else contextlib.nullcontext():
+        rc, _, err = main(argv, capfd)
+    line = error_line(err)
+    assert rc == 2, line
+    for s in expected:
+        assert str(s) in line, (s, line)
+    assert listing(fault_env.tmp) == before
+
+
+def fill_disk_in_torch_save(monkeypatch, calls: int):
+    """torch.save writes half its bytes and fails with ENOSPC on its `calls`-th call, as on a full disk."""
+    real, n = torch.save, [0]
+
+    def save(obj, path, *a, **kw):
+        n[0] += 1
+        if n[0] != calls:
+            return real(obj, path, *a, **kw)
+        buf = io.BytesIO()
+        real(obj, buf)
+        Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def fill_disk_in_metrics_append(monkeypatch, appends: int):
+    """The `appends`-th append to metrics.jsonl writes half its line, then fails with ENOSPC."""
+    import rtpo.metrics
+
+    n = [0]
+
+    class HalfWritten(io.TextIOWrapper):
+        def write(self, text):
+            super().write(text[: len(text) // 2])
+            self.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fake_open(path, mode="r", *a, **kw):
+        if os.path.basename(path) == "metrics.jsonl" and mode == "a":
+            n[0] += 1
+            if n[0] == appends:
+                return HalfWritten(open(path, "ab"), encoding="utf-8")
+        return open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(rtpo.metrics, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
+def test_disk_full_ends_in_one_error_line_exit_3_and_resumes_exactly(where, tmp_path, cache, reference, capfd,
+                                                                       monkeypatch):
+    """A full disk (ENOSPC injected into the writer) while saving the step-4 checkpoint, or while
+    appending step 3's metrics row (half of it written): exit 3 with one error line naming the file
+    and the fix; the step-2 checkpoint is intact (verified), the failed save left no partial folder;
+    `--resume auto` drops the torn row and the finished run equals an uninterrupted one."""
+    out = tmp_path / "run"
+    step2 = os.path.join(out, CKPT_DIR, "step_000002")
+    with monkeypatch.context() as m:
+        if where == "checkpoint":
+            fill_disk_in_torch_save(m, calls=2)  # call 1: the step-2 checkpoint's trainer state
+        else:
+            fill_disk_in_metrics_append(m, appends=4)  # rows: 0, 1, 2, 3
+        rc, _, err = main(ref_args(out, cache), capfd)
+    line = error_line(err)
+    assert rc == 3, line
+    if where == "checkpoint":
+        assert line.startswith("error: saving the checkpoint of step 4 failed: [Errno 28] No space left on device: ")
+        assert f"the previous checkpoint {step2} is intact. Free space" in line and "--resume auto" in line
+    else:
+        assert line == (f"error: {out / 'metrics.jsonl'}: No space left on device (ENOSPC); fix that (free space, "
+                        "permissions), then continue with --resume auto")
+        assert not (out / "metrics.jsonl").read_text().endswith("\n")  # the torn row is there
+    assert list_checkpoints(out) == [(2, step2)] and os.listdir(out / CKPT_DIR) == ["step_000002"]
+    ckpt.verify(step2)
+    rc, _, err = main(ref_args(out, cache, "--resume", "auto"), capfd)
+    assert rc == 0, err
+    assert_same_run(reference, out)
+
+
+# ------------------------------------------------------------------------------ 10. crash anywhere
+def run_forked(argv, crash_at=None, timeout=120):
+    """train.py's main(argv) in a forked copy of this process, killed with SIGKILL at write moment
+    `crash_at` (RTPO_TEST_CRASH_AT) -> (exit code, or -9 when killed; the moment; its stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(r)
+            os.dup2(w, 2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            if crash_at:
+                os.environ["RTPO_TEST_CRASH_AT"] = crash_at
+            code = train.main([str(a) for a in argv])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline, chunks = time.monotonic() + timeout, []
+    while True:
+        if not select.select([r], [], [], max(deadline - time.monotonic(), 0))[0]:
+            os.kill(pid, signal.SIGKILL)  # hung: the caller sees exit -9 with no moment
+            deadline = math.inf
+        chunk = os.read(r, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    err = b"".join(chunks).decode(errors="replace")
+    m = re.search(r"^\[rtpo-test\] SIGKILL at: (.+)$", err, re.M)
+    return code, m.group(1) if m else None, err
+
+
+KINDS = {"warm-start cache": "folder warmstart", "checkpoint save": "checkpoint step_",
+         "metrics append": "metrics.jsonl", "plot": "curves.png", "summary": "summary.json"}
+
+
+@pytest.mark.slow
+def test_killed_anywhere_resume_auto_finishes_like_an_uninterrupted_run(tmp_path, cache, reference):
+    """SIGKILL at >= 20 seeded-random write moments (warm-start cache write, checkpoint save, metrics
+    append, plot and summary among them, each at least once), over several runs: after each kill
+    metrics.jsonl has only whole rows; rerunning (with `--resume auto` once the folder holds a run)
+    always gets further, and every run ends with the metrics and weights of an uninterrupted run
+    and no temporary file, moved-aside checkpoint or lock file left behind."""
+    seed = 14
+    rng = random.Random(seed)
+    directed = [f"{KINDS['warm-start cache']}:1", f"{KINDS['checkpoint save']}:{rng.randint(1, 6)}",
+                f"{KINDS['metrics append']}:{rng.randint(1, 5)}", f"{KINDS['plot']}:1", f"{KINDS['summary']}:1"]
+    kills, cycle = [], 0
+    while len(kills) < 20 or directed:
+        assert cycle < 12, f"seed {seed}: only {len(kills)} kills in {cycle} runs"
+        out, cache_dir = tmp_path / f"run{cycle}", tmp_path / "cache"  # run 0 fills the warm-start cache
+        for _ in range(6):  # killed invocations per run; then one that finishes
+            spec = directed.pop(0) if directed else str(rng.randint(1, 30))
+            argv = ref_args(out, cache_dir, "--log.plot", "true",
+                            *(["--resume", "auto"] if (out / "config.json").exists() else []))
+            code, moment, err = run_forked(argv, spec)
+            if moment is None:  # the run finished before reaching that moment
+                assert code == 0, f"seed {seed}, {spec}: exit {code}\n{err[-3000:]}"
+                break
+            assert code == -signal.SIGKILL, err[-3000:]
+            kills.append(moment)
+            if (out / "metrics.jsonl").exists():
+                text = (out / "metrics.jsonl").read_text()
+                assert not text or text.endswith("\n"), f"seed {seed}: torn row after a kill at {moment}"
+                read_metrics(out / "metrics.jsonl")  # every row parses
+        else:
+            code, _, err = run_forked([*ref_args(out, cache_dir, "--log.plot", "true"), "--resume", "auto"])
+            assert code == 0, err[-3000:]
+        assert_same_run(reference, out)
+        left = [p for p in [*out.rglob("*"), *cache_dir.rglob("*")]
+                if ".tmp" in p.name or p.name.startswith((".replaced-", ".old-")) or p.name == runlock.LOCK_FILE]
+        assert not left, f"seed {seed}: left behind {left}"
+        cycle += 1
+    for kind, text in KINDS.items():
+        assert any(text in m for m in kills), f"no kill during the {kind}: {kills}"
+    print(f"{len(kills)} kills over {cycle} runs: {kills}")

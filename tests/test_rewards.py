@@ -72,3 +72,180 @@ def test_wrong_length_reward_is_an_error(tmp_path, monkeypatch):
     fns = build_reward_functions(RewardConfig(accuracy=0, format=0, custom={"badr:f": 1.0}))
     with pytest.raises(ValueError, match="'badr:f' returned 1 values for 2"):
         score(fns, ["a", "b"], ["", ""])
+
+
+# --- the reward API: one signature, dataset columns by name ----------------------------------------
+
+def test_call_reward_adapts_to_every_documented_form():
+    """call_reward passes the documented keyword arguments to the new form (keyword-only `answers`,
+    named columns, **columns), to the older `fn(completions, answers, **ctx)` form, to a function
+    whose second positional parameter has another name, and to one without **kwargs (it gets only
+    the names it declares)."""
+    from rtpo.rewards import call_reward
+
+    kw = {"prompts": ["p1", "p2"], "completion_ids": [[1], [2, 3]], "difficulty": [1, 2], "step": 7}
+
+    def new(completions, *, prompts, answers, completion_ids, difficulty, **columns):
+        assert prompts == ["p1", "p2"] and answers == ["a", "b"] and columns == {"step": 7}
+        return [d + len(ids) for d, ids in zip(difficulty, completion_ids)]
+
+    def old(completions, answers, **ctx):
+        assert set(ctx) == set(kw)
+        return [float(c == a) for c, a in zip(completions, answers)]
+
+    def renamed(comps, golds):  # positional, another name, no **kwargs: nothing else is passed
+        return [len(g) for g in golds]
+
+    def columns_only(completions, *, difficulty):  # no answers, no **kwargs
+        return difficulty
+
+    assert call_reward(new, ["x", "y"], ["a", "b"], kw) == [2, 4]
+    assert call_reward(old, ["a", "z"], ["a", "b"], kw) == [1.0, 0.0]
+    assert call_reward(renamed, ["x", "y"], ["a", "bb"], kw) == [1, 2]
+    assert call_reward(columns_only, ["x", "y"], ["a", "b"], kw) == [1, 2]
+
+
+def test_missing_arguments_names_what_nothing_provides():
+    """A required parameter that is neither the answers slot nor an available name is reported;
+    defaults, **kwargs and the answers slot are never missing."""
+    from rtpo.rewards import missing_arguments
+
+    def f(completions, answers, *, difficulty, topic="x", **kw):
+        return []
+
+    def g(comps, golds, level):
+        return []
+
+    assert missing_arguments(f, {"prompts"}) == ["difficulty"]
+    assert missing_arguments(f, {"difficulty"}) == []
+    assert missing_arguments(g, {"prompts"}) == ["level"]
+
+
+@pytest.mark.parametrize("text,gold,want", [
+    ("<think>x</think> so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0), ("\\boxed{12} then \\boxed{13}", "13", 1.0),
+    ("<think>\\boxed{5}</think> 5", "5", 0.0), ("the answer is 5", "5", 0.0), ("\\boxed{1,000}", "1000", 1.0),
+])
+def test_boxed_reward_is_strict(text, gold, want):
+    """boxed: only the last \\boxed{} after the reasoning counts (nested braces kept), numeric-aware."""
+    from rtpo.rewards import boxed_reward
+
+    assert boxed_reward([text], [gold]) == [want]
+
+
+@pytest.mark.parametrize("text,gold,want", [
+    ("<think>3+4=7</think>\n#### 7", "7", 1.0), ("#### 1,024 clips", "1024", 1.0), ("the answer is 7", "7", 0.0),
+    ("#### 6\n#### 7", "7", 1.0), ("<think>#### 7</think> 7", "7", 0.0),
+])
+def test_gsm8k_reward_reads_the_last_hash_marker(text, gold, want):
+    """gsm8k: the first number after the last '####' after the reasoning; no marker scores 0."""
+    from rtpo.rewards import gsm8k_reward
+
+    assert gsm8k_reward([text], [gold]) == [want]
+
+
+@pytest.mark.parametrize("text,gold,want", [
+    ('<think>..</think>```json\n{"answer": "B"}\n```', "b", 1.0), ('```json {"answer": 42} ```', "42", 1.0),
+    ('```json {"answer": "C"} ```', "B", 0.5), ('```json {"answer": "B",} ```', "B", 0.0),
+    ('{"answer": "B"}', "B", 0.0), ('```json {"result": "B"} ```', "B", 0.0),
+    ('```json {"answer": "A"} ``` then ```json {"answer": "B"} ```', "B", 1.0),
+])
+def test_json_answer_reward_follows_the_original_scale(text, gold, want):
+    """json_answer: the ```json {"answer": ...}``` block of the original work; correct 1, a
+    well-formed block with a wrong answer 0.5, no/unparseable block or no "answer" key 0."""
+    from rtpo.rewards import json_answer_reward
+
+    assert json_answer_reward([text], [gold]) == [want]
+
+
+def test_new_builtins_are_weighted_by_their_config_keys():
+    """rewards.boxed / rewards.gsm8k / rewards.json_answer switch the built-ins on by weight."""
+    fns = build_reward_functions(RewardConfig(accuracy=0, format=0, boxed=1.0, gsm8k=0.5, json_answer=2.0))
+    total, per = score(fns, ["\\boxed{3} #### 3"], ["3"])
+    assert set(per) == {"boxed", "gsm8k", "json_answer"} and total == [1.5]
+
+
+def _dataset_with_columns(path):
+    import json
+
+    rows = [{"question": f"Compute {i}+1.", "reasoning": f"{i}+1={i + 1}", "answer": str(i + 1),
+             "difficulty": i % 3, "source": f"src{i}"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return rows
+
+
+def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, monkeypatch):
+    """Through the real trainer (rollout -> score), a user function written in the documented form
+    receives the prompt text each completion was generated from, its token ids, and the dataset's
+    extra columns (`difficulty`, `source`) of that completion's own row: it returns the row's
+    difficulty, and the per-function rewards equal the difficulty column of each group's row."""
+    from conftest import tiny_args
+    from rtpo.config import parse_args
+    from rtpo.trainer import Trainer
+
+    rows = _dataset_with_columns(tmp_path / "data.jsonl")
+    (tmp_path / "colrewards.py").write_text(
+        "SEEN = {}\n"
+        "def by_difficulty(completions, *, prompts, answers, completion_ids, difficulty, **columns):\n"
+        "    SEEN.update(prompts=prompts, ids=completion_ids, source=columns['source'], question=columns['question'],\n"
+        "                completions=completions, keeps=columns['keeps'])\n"
+        "    return [float(d) for d in difficulty]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--dataset", str(tmp_path / "data.jsonl"),
+                               "--data.num_eval", "4", "--warmstart.enabled", "false", "--G", "2",
+                               "--rewards.custom", '{"colrewards:by_difficulty": 1.0}'))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    import colrewards
+
+    by_q = {r["question"]: r for r in rows}
+    groups = [t.train_rows[i] for i in ro["idx"] for _ in range(2)]
+    assert sc["per_fn"]["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
+    assert colrewards.SEEN["source"] == [by_q[e.question]["source"] for e in groups]
+    assert colrewards.SEEN["question"] == [e.question for e in groups]
+    assert colrewards.SEEN["ids"] == ro["completions"]
+    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro["prompts"]]
+    assert all(e.question in p for e, p in zip(groups, colrewards.SEEN["prompts"]))
+    assert colrewards.SEEN["keeps"] == ro["row_keep"]
+
+
+def test_reward_needing_an_absent_column_is_refused_at_setup(tmp_path, monkeypatch):
+    """A reward function that requires a column the dataset lacks stops at setup with a ConfigError
+    naming the argument and listing the columns there are."""
+    from conftest import tiny_args
+    from rtpo.config import ConfigError, parse_args
+    from rtpo.trainer import Trainer
+
+    _dataset_with_columns(tmp_path / "data.jsonl")
+    (tmp_path / "needy.py").write_text("def f(completions, *, answers, level, **kw):\n    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--dataset", str(tmp_path / "data.jsonl"),
+                               "--data.num_eval", "4", "--warmstart.enabled", "false",
+                               "--rewards.custom", '{"needy:f": 1.0}'))
+    with pytest.raises(ConfigError, match=r"'needy:f' requires argument\(s\) 'level'.*columns: question, reasoning, "
+                                          r"answer, difficulty, source"):
+        Trainer(cfg, log=lambda m: None)
+
+
+def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_passed(tmp_path, monkeypatch):
+    """A dataset column whose name the trainer passes itself (here `prompts`) is reported once at setup;
+    reward functions receive the trainer's value (the prompt text) under that name, not the column."""
+    import json
+
+    from conftest import tiny_args
+    from rtpo.config import parse_args
+    from rtpo.trainer import Trainer
+
+    rows = [{"question": f"Compute {i}+1.", "reasoning": "", "answer": str(i + 1), "prompts": "column value"}
+            for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "clash.py").write_text("def f(completions, *, prompts, **kw):\n"
+                                       "    return [float(p != 'column value') for p in prompts]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    logs = []
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--dataset", str(tmp_path / "d.jsonl"),
+                               "--data.num_eval", "4", "--warmstart.enabled", "false",
+                               "--rewards.custom", '{"clash:f": 1.0}'))
+    t = Trainer(cfg, log=logs.append)
+    assert sum("dataset column(s) 'prompts'" in m for m in logs) == 1 and "prompts" not in t.column_names
+    assert set(t.score(t.rollout(0))["per_fn"]["clash:f"]) == {1.0}

@@ -28,3 +28,22 @@ def test_key_changes_with_initial_weights_rows_and_settings():
     assert _key(questions=("Compute 1+2.", "Compute 2+2.")) != base
     assert _key(steps=7) != base
     assert _key(seed=5) != base
+    assert _key(reasoning_fraction=0.3) != base and _key(mix_from=0.5) != base and _key(max_operands=2) != base
+
+
+def test_warmstart_shows_the_trace_then_mostly_answers():
+    """Every example shows its trace before mix_from of the steps, then reasoning_fraction of them do;
+    the answer-only target is the same response without the trace."""
+    from rtpo.config import WarmstartConfig
+    from rtpo.curriculum import PromptBuilder, response_ids
+    from rtpo.warmstart import reasoning_probability
+
+    wc = WarmstartConfig(steps=100, reasoning_fraction=0.2, mix_from=0.6)
+    assert [reasoning_probability(s, wc) for s in (0, 59, 60, 99)] == [1.0, 1.0, 0.2, 0.2]
+    tok = embedded.build_tokenizer()
+    b = PromptBuilder(tok, RTPOConfig().curriculum, 256)
+    ex = Example("Compute 3+5+4 mod 10.", "3+5=8\n8+4=2", "2", 0)
+    enc = b.encode(ex)
+    eos = tok.eos_token_id
+    assert tok.decode(response_ids(b, ex, enc, eos)) == "<think>\n3+5=8\n8+4=2\n</think>\n2<|im_end|>"
+    assert tok.decode(response_ids(b, ex, enc, eos, with_reasoning=False)) == "<think>\n</think>\n2<|im_end|>"
