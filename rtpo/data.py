@@ -34,7 +34,8 @@ class Example:
 
 
 # Datasets generated in code, by data.dataset name: each module has make_dataset(size, seed,
-# min_operands, max_operands, max_operand) and disjoint TRAIN_SEED / EVAL_SEED / WARMSTART_SEED.
+# min_operands, max_operands, max_operand) and disjoint TRAIN_SEED / EVAL_SEED / VALIDATION_SEED /
+# WARMSTART_SEED.
 GENERATED = {"embedded": synthetic, "wordproblems": wordproblems}
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # GSM8K calculator annotations such as "<<48/2=24>>" are not reasoning text.
@@ -171,14 +172,21 @@ def _load_hub(name: str, subset, split: str):
     return ds.to_list()
 
 
+def generate_rows(cfg: DataConfig, split: str, size: int, max_operands: int = 0) -> list:
+    """Rows of a generated dataset's split (train / test / warmstart: disjoint seeds)."""
+    gen = GENERATED[cfg.dataset]
+    seed = {"train": gen.TRAIN_SEED, "test": gen.EVAL_SEED, "validation": gen.VALIDATION_SEED,
+            "warmstart": gen.WARMSTART_SEED}[split]
+    hi = max_operands or cfg.max_operands
+    extra = {"modulus": cfg.modulus} if gen is synthetic else {}
+    return gen.make_dataset(size, seed, min_operands=min(cfg.min_operands, hi), max_operands=hi,
+                            max_operand=cfg.max_operand, **extra)
+
+
 def load_rows(cfg: DataConfig, split: str):
     if cfg.dataset in GENERATED:
-        gen = GENERATED[cfg.dataset]
-        seed = {"train": gen.TRAIN_SEED, "test": gen.EVAL_SEED, "warmstart": gen.WARMSTART_SEED}[split]
-        size = cfg.synthetic_size if split != "test" else max(cfg.num_eval, 1)
-        extra = {"modulus": cfg.modulus} if gen is synthetic else {}
-        return gen.make_dataset(size, seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
-                                max_operand=cfg.max_operand, **extra)
+        held_out = split in ("test", "validation")
+        return generate_rows(cfg, split, max(cfg.num_eval, 1) if held_out else cfg.synthetic_size)
     if os.path.exists(cfg.dataset):
         return _load_local(cfg.dataset, split)
     if cfg.dataset.endswith(tuple(LOCAL_FORMATS)):
@@ -194,8 +202,12 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     if len(rows) == 0:
         raise DataError(f"data.dataset {source!r} split {cfg.split!r} has no rows")
     train = validate_rows(rows, cfg, f"{source}[{cfg.split}]")
-    if cfg.dataset in GENERATED:
-        ev = validate_rows(load_rows(cfg, "test"), cfg, f"{source}[test]")
+    if cfg.dataset in GENERATED:  # held out: "test" (default, for reporting) or "validation" (for tuning)
+        name = cfg.eval_split or "test"
+        if name not in ("test", "validation"):
+            raise DataError(f"data.eval_split {name!r}: the generated dataset {source!r} has the held-out splits "
+                            "'test' (the default, for reporting) and 'validation' (for tuning)")
+        ev = validate_rows(load_rows(cfg, name), cfg, f"{source}[{name}]")
     elif cfg.eval_split:
         ev = validate_rows(load_rows(cfg, cfg.eval_split), cfg, f"{source}[{cfg.eval_split}]")
     else:
@@ -214,11 +226,10 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
 
 
 def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int, max_operands: int = 0) -> list[Example]:
-    """Rows for the supervised warm-start, disjoint from the RL train and eval questions."""
-    if cfg.dataset != "embedded":
-        raise DataError("warmstart.enabled needs the embedded dataset (or a model that already knows the format); "
-                        "set --warmstart.enabled false")
-    hi = max_operands or cfg.max_operands
-    rows = synthetic.make_dataset(num, synthetic.WARMSTART_SEED, min_operands=min(cfg.min_operands, hi),
-                                  max_operands=hi, max_operand=cfg.max_operand, modulus=cfg.modulus)
-    return [e for e in validate_rows(rows, cfg, "embedded[warmstart]") if e.question not in exclude]
+    """Rows for the supervised warm-start, disjoint from the RL train and eval questions: the generated
+    task's own warm-start split (at most `max_operands` numbers per question when > 0)."""
+    if cfg.dataset not in GENERATED:
+        raise DataError(f"warmstart.enabled needs a generated dataset ({', '.join(GENERATED)}) or a model that "
+                        "already knows the format; set --warmstart.enabled false")
+    rows = generate_rows(cfg, "warmstart", num, max_operands)
+    return [e for e in validate_rows(rows, cfg, f"{cfg.dataset}[warmstart]") if e.question not in exclude]

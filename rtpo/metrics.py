@@ -149,9 +149,9 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-PLOT_KEYS = [("reward", "reward"), ("accuracy", "train accuracy"), ("keep", "keep ratio"),
-             ("reasoning_tokens", "generated reasoning tokens"), ("eval/accuracy", "held-out accuracy (no hint)"),
-             ("completion_tokens", "completion tokens")]
+PLOT_KEYS = [("eval/accuracy", "held-out accuracy (no hint)"), ("accuracy", "train accuracy"),
+             ("keep", "keep ratio"), ("reasoning_tokens", "generated reasoning tokens"),
+             ("all_wrong_groups", "all-wrong groups"), ("reward", "reward")]
 
 
 def plot_metrics(metrics_path: str, out_path: str) -> str | None:

@@ -43,5 +43,7 @@ def make_dataset(size: int, seed: int, **kwargs) -> list[dict]:
     return [make_example(rng, **kwargs) for _ in range(size)]
 
 
-# Disjoint seeds: RL training rows, held-out eval rows, supervised warm-start rows.
-TRAIN_SEED, EVAL_SEED, WARMSTART_SEED = 1, 2, 3
+# Disjoint seeds: RL training rows, held-out test rows (reported), validation rows (for tuning: the
+# embedded default was designed on these, seed 2, which were the held-out rows before 2026-12; the
+# test rows, seed 4, informed no decision), supervised warm-start rows.
+TRAIN_SEED, EVAL_SEED, VALIDATION_SEED, WARMSTART_SEED = 1, 4, 2, 3

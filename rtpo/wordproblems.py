@@ -129,4 +129,4 @@ def make_dataset(size: int, seed: int, **kwargs) -> list[dict]:
 
 
 # Disjoint seeds: RL training rows, held-out eval rows, supervised warm-start rows.
-TRAIN_SEED, EVAL_SEED, WARMSTART_SEED = 11, 12, 13
+TRAIN_SEED, EVAL_SEED, VALIDATION_SEED, WARMSTART_SEED = 11, 12, 14, 13

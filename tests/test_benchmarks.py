@@ -93,10 +93,11 @@ def test_rtpo_at_full_hint_beats_grpo_reward_in_the_first_steps(tmp_path):
     """Regression: with the whole trace injected (keep = 1, the first steps of RTPO) the training
     reward is higher than plain GRPO's on the same prompts and seed. The trace ends by stating the
     answer, so a model that has learnt the response format only has to copy it, while GRPO must
-    compute it. Checked for 2 seeds on a small warm-started model."""
+    compute it. Checked for 2 seeds on a small model warm-started on whole traces."""
     bench = load_script("rtpo_vs_grpo")
-    common = ["--quick", "--steps", "3", "--eval-examples", "0", "--workdir", str(tmp_path / "runs"),
-              "--set", "curriculum.warmup_steps=3"]  # keep = 1 for all 3 steps of the RTPO arm
+    common = ["--quick", "--regime", "default", "--steps", "3", "--eval-examples", "0",
+              "--workdir", str(tmp_path / "runs"), "--set", "curriculum.warmup_steps=3",  # keep = 1 for 3 steps
+              "--set", "warmstart.lr=3e-3", "--set", "warmstart.reasoning_fraction=1.0"]
     common += tiny_set(tmp_path / "cache", hidden=64, layers=2, heads=4, kv=2, inter=128, ws_steps=400,
                        size=400, G=4, prompts=4, new_tokens=40, ws_batch=16)
     args = bench.parse(common)

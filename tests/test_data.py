@@ -83,3 +83,18 @@ def test_missing_file_and_wrong_extension(tmp_path):
     p.write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
         load_splits(DataConfig(dataset=str(p)))
+
+
+def test_generated_datasets_hold_out_a_test_and_a_validation_split():
+    """The embedded task has two held-out splits: `test` (default, reported) and `validation` (for
+    tuning), disjoint from each other and from train; any other eval_split is one clear error."""
+    from rtpo.config import DataConfig
+    from rtpo.data import DataError, load_splits
+
+    train, test = load_splits(DataConfig(num_eval=64))
+    _, val = load_splits(DataConfig(num_eval=64, eval_split="validation"))
+    q = lambda rows: {e.question for e in rows}  # noqa: E731
+    assert len(test) == len(val) == 64 and q(test) != q(val)
+    assert not q(train) & q(test)
+    with pytest.raises(DataError, match="'test'.*'validation'"):
+        load_splits(DataConfig(eval_split="dev"))

@@ -28,7 +28,7 @@ def test_key_changes_with_initial_weights_rows_and_settings():
     assert _key(questions=("Compute 1+2.", "Compute 2+2.")) != base
     assert _key(steps=7) != base
     assert _key(seed=5) != base
-    assert _key(reasoning_fraction=0.3) != base and _key(mix_from=0.5) != base and _key(max_operands=2) != base
+    assert _key(reasoning_fraction=0.5) != base and _key(mix_from=0.5) != base and _key(max_operands=2) != base
 
 
 def test_warmstart_shows_the_trace_then_mostly_answers():
