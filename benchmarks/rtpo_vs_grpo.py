@@ -151,6 +151,7 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
         n = len(rs[0]["steps"])
         per = {
             "final_acc": [r["evals"][-1]["eval/accuracy"] for r in rs],
+            "auc_acc": [statistics.mean(e["eval/accuracy"] for e in r["evals"]) for r in rs],
             "start_acc": [r["evals"][0]["eval/accuracy"] for r in rs],
             "final_eval_reasoning": [r["evals"][-1].get("eval/reasoning_tokens") for r in rs],
             "reward_first": [_window_mean(r["steps"], "reward", 0, first_n) for r in rs],
@@ -173,6 +174,8 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
             d_eval_reason = [r["evals"][-1].get("eval/reasoning_tokens", 0) -
                              by[("grpo", r["seed"])]["evals"][-1].get("eval/reasoning_tokens", 0) for r in rs]
             row["d_final_acc_ci95"] = t_interval(per["d_final_acc"])
+            row["d_auc_acc_ci95"] = t_interval([a - statistics.mean(e["eval/accuracy"] for e in by[("grpo", s)]["evals"])
+                                                for a, s in zip(per["auc_acc"], row["seeds"])])
             row["d_eval_reasoning_ci95"] = t_interval(d_eval_reason)
         rows.append(row)
     return rows
@@ -198,14 +201,17 @@ def print_table(rows, meta):
     print(f"\n## RTPO vs GRPO, {meta['regime']} regime: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
           f"G={meta['G']}, lr {meta['lr']:g}, {len(meta['seeds'])} seeds {meta['seeds']}; held-out accuracy with "
           f"no hint on {meta['eval_examples']} rows (greedy), mean ± std over seeds; Δ = paired difference to GRPO "
-          f"± 95 % t-interval half-width; 'last' = mean over the last {meta['first_n']} steps")
+          f"± 95 % t-interval half-width; 'curve' = mean accuracy over the run's evaluations (area under the "
+          f"curve); 'last' = mean over the last {meta['first_n']} steps")
     print(f"start (warm-started model, same for all arms): no-hint accuracy {fmt(rows[0]['start_acc'], pct=True)} %")
-    hdr = (f"{'arm':17} {'final acc %':>13} {'Δ acc vs GRPO (pp)':>19} {'all-wrong 0-20':>15} {'all-wrong last':>15} "
+    hdr = (f"{'arm':17} {'final acc %':>13} {'Δ acc vs GRPO (pp)':>19} {'curve acc %':>13} {'Δ curve (pp)':>14} "
+           f"{'all-wrong 0-20':>15} {'all-wrong last':>15} "
            f"{'train acc last':>15} {'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'wall s/run':>11}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>19} "
+              f"{fmt(r['auc_acc'], pct=True):>13} {_ci(r.get('d_auc_acc_ci95'), 100):>14} "
               f"{fmt(r['all_wrong_first20'], 2):>15} {fmt(r['all_wrong_last'], 2):>15} {fmt(r['acc_last']):>15} "
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
               f"{fmt(r['keep_mean'], 2):>10} {fmt(r['wall_s'], 0):>11}")
@@ -292,6 +298,8 @@ def parse(argv=None):
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "rtpo_vs_grpo"),
                     help="run folders (metrics.jsonl, config.json, curves)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    ap.add_argument("--summarize", metavar="JSON", default=None,
+                    help="no training: recompute the summary, table and PNG of a results file this script wrote")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rtpo_vs_grpo[_quick].json); "
                     "the PNG goes beside it")
     args = ap.parse_args(argv)
@@ -308,8 +316,26 @@ def parse(argv=None):
     return args
 
 
+def resummarize(path: str) -> dict:
+    """Recompute a results file's summary (and PNG) from its runs' stored curves, and print the table."""
+    with open(path) as f:
+        data = json.load(f)
+    runs, meta = data["runs"], data["meta"]
+    arms = [r["arm"] for r in data["summary"]]
+    meta.setdefault("regime", data["env"]["args"].get("regime", "default"))
+    data["summary"] = summarize(runs, arms, meta["first_n"])
+    plot(runs, arms, os.path.splitext(path)[0] + ".png", f"RTPO vs GRPO, {meta['regime']} regime: {meta['steps']} steps "
+         f"x {meta['prompts_per_step']} prompts x G={meta['G']}, lr {meta['lr']:g}, seeds {meta['seeds']} "
+         "(band: ±1 std over seeds)")
+    write_json(path, data)
+    print_table(data["summary"], meta)
+    return data
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.summarize:
+        return resummarize(args.summarize)
     import torch
 
     arms = args.arms.split(",")

@@ -61,7 +61,9 @@ def test_rtpo_vs_grpo_smoke_writes_table_json_and_png(tmp_path, capsys):
     assert all(r["steps"][0]["keep"] == 1.0 for r in cosine)
     row = data["summary"][1]
     assert len(row["final_acc"]) == 2 and row["d_final_acc"] is not None  # mean, std; paired diff to GRPO
-    assert len(row["d_final_acc_ci95"]) == 2  # mean, 95 % half-width
+    assert len(row["d_final_acc_ci95"]) == 2 and len(row["d_auc_acc_ci95"]) == 2  # mean, 95 % half-width
+    again = bench.main(["--summarize", str(out)])  # no training: the same summary from the stored curves
+    assert json.loads(json.dumps(again["summary"])) == data["summary"]
     assert os.path.getsize(res["png"]) > 0
     assert data["rl_hyperparameters"]["optim"]["lr"] > 0  # the defaults used are recorded
 
