@@ -42,9 +42,8 @@ import torch
 import torch.distributed as dist
 
 from rtpo import checkpoint as ckpt
-from rtpo.advantages import group_advantages
 from rtpo.config import ConfigError, RTPOConfig
-from rtpo.generation import draw_uniforms
+from rtpo.comm import TorchComm
 from rtpo.logprobs import completion_logprobs
 from rtpo.trainer import Trainer
 
@@ -157,69 +156,6 @@ def _local_main_first(local_rank_: int):
     finally:
         if local_rank_ == 0:
             dist.barrier()
-
-
-# ----------------------------------------------------------------------------- collectives
-
-def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all processes along dim 0, in rank order (on CPU)."""
-    x = t.detach().to(_comm_device())
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts).cpu()
-
-
-def all_reduce_sum(values: list) -> list:
-    x = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(x)
-    return x.cpu().tolist()
-
-
-def all_gather_object(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-# Metrics of one step: how each key combines over processes. Keys computed from all-gathered
-# values (rewards, accuracy) are already global; `loss` is each process's share of the global loss;
-# clip/kl/entropy are per-token means, weighted by each process's completion tokens.
-SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups",
-             "all_wrong_groups", "all_right_groups", "mean_example_keep"}
-SUM_KEYS = {"loss"}
-MAX_KEYS = {"skipped_updates"}
-TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap"}
-
-
-def reduce_rows(rows: list) -> dict:
-    """One metrics row from each process's row (same keys); unknown numeric keys are averaged, which
-    is exact for per-row means since every process holds the same number of rows."""
-    weights = [float(r.get("completion_tokens") or 0.0) for r in rows]
-    out = {}
-    for k, v0 in rows[0].items():
-        vals = [r.get(k) for r in rows]
-        if k in SAME_KEYS or k.startswith("reward/") or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                  for v in vals):
-            out[k] = v0
-        elif k in SUM_KEYS:
-            out[k] = float(sum(vals))
-        elif k in MAX_KEYS or k.startswith("time_"):
-            out[k] = max(vals)
-        elif k in TOKEN_WEIGHTED_KEYS and sum(weights) > 0:
-            out[k] = float(sum(w * v for w, v in zip(weights, vals)) / sum(weights))
-        else:
-            out[k] = float(np.mean(vals))
-    return out
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -469,12 +405,11 @@ class DistributedTrainer(Trainer):
         init_process_group(self.use_deepspeed, device_type)
         self.engine = self.ref_engine = self.ddp = None
         self._pending_resume = None
-        self._pending_signal = None
         self._micro_count = 0
         self._scratch = None
         main_log = log or (lambda msg: print(msg, flush=True))
         with _local_main_first(self.local_rank):
-            super().__init__(cfg, log=main_log if self.rank == 0 else (lambda msg: None))
+            super().__init__(cfg, log=main_log if self.rank == 0 else (lambda msg: None), comm=TorchComm())
         self.run_dir = self.out
         if self.use_deepspeed:
             self._init_deepspeed(ds_raw)
@@ -553,53 +488,9 @@ class DistributedTrainer(Trainer):
         else:
             yield
 
-    # --- data: this process's share ------------------------------------------------------------
-    def batch_indices(self, step: int) -> list:
-        """This process's contiguous share of the step's prompts (Trainer.batch_indices: all of them)."""
-        idx = super().batch_indices(step)
-        b = len(idx) // self.world
-        return idx[self.rank * b:(self.rank + 1) * b]
-
-    def _generate(self, prompts, sampling, num_samples, generator=None, **generate_kw):
-        if generator is not None and self.world > 1:
-            rows = len(prompts) * num_samples
-            table = draw_uniforms(sampling, rows * self.world, generator)  # the whole step's, as one process
-            if table is not None:
-                generate_kw["uniforms"] = table[:, self.rank * rows:(self.rank + 1) * rows]
-            generator = None
-        return super()._generate(prompts, sampling, num_samples, generator=generator, **generate_kw)
-
     def rollout(self, step: int) -> dict:
         with self._generation_context():
             return super().rollout(step)
-
-    def score(self, ro: dict) -> dict:
-        """Rewards of all processes gathered; advantages computed on the whole batch, this process's kept."""
-        sc = super().score(ro)
-        if self.world == 1:
-            return sc
-        names = sorted(sc["per_fn"])
-        local = torch.stack([sc["rewards"].double(), torch.tensor(sc["accuracy"], dtype=torch.float64)]
-                            + [torch.tensor(sc["per_fn"][k], dtype=torch.float64) for k in names], dim=1)
-        full = all_gather_cat(local)
-        rewards = full[:, 0].float()
-        n = len(ro["completions"])
-        adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
-                               self.cfg.loss.adv_eps)
-        groups = all_gather_object((sc["group_idx"], sc["group_keeps"]))  # per-example hints see every group
-        sc.update(group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
-        sc.update(rewards=rewards, accuracy=full[:, 1].tolist(),
-                  per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
-                  advantages=adv[self.rank * n:(self.rank + 1) * n])
-        return sc
-
-    # --- update --------------------------------------------------------------------------------
-    def _normalizers(self, ro, rows) -> tuple:
-        n_tokens, n_seqs = super()._normalizers(ro, rows)
-        if self.world == 1:
-            return n_tokens, n_seqs
-        n_tokens, n_seqs = all_reduce_sum([n_tokens, n_seqs])
-        return int(n_tokens), int(n_seqs)
 
     def _completion_logprobs(self, model, batch, with_entropy=True):
         args = {k: batch[k] for k in _BATCH_KEYS}
@@ -639,45 +530,6 @@ class DistributedTrainer(Trainer):
         if self.engine is None:
             super()._optimizer_step()
 
-    def train_step(self, step: int) -> dict:
-        row = super().train_step(step)
-        if self.world == 1:
-            return row
-        parts = all_gather_object((row, self._pending_signal))
-        # A signal reaches the processes at slightly different moments; all stop at the same step.
-        sig = next((s for _, s in parts if s), None)
-        if sig and not self._stop_signal:
-            self._stop_signal = sig
-        return reduce_rows([r for r, _ in parts])
-
-    def _on_signal(self, signum, frame):
-        import signal
-
-        if self._pending_signal:  # a second signal quits at once, as in Trainer
-            self._quit_now(signal.Signals(signum).name)
-        self._pending_signal = signal.Signals(signum).name
-        if self.world == 1:
-            self._stop_signal = self._pending_signal
-
-    # --- evaluation: sharded -------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        n = min(self.cfg.eval.num_examples, len(self.eval_enc))
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
-        full = self.eval_enc, self.eval_rows
-        self.eval_enc, self.eval_rows = full[0][lo:hi], full[1][lo:hi]
-        try:
-            with self._generation_context():
-                local = super().evaluate() if hi > lo else {}
-        finally:
-            self.eval_enc, self.eval_rows = full
-        if self.world == 1:
-            return local
-        parts = [(c, m) for c, m in all_gather_object((hi - lo, local)) if c and m]
-        total = sum(c for c, _ in parts)
-        if not total:
-            return {}
-        return {k: sum(c * m[k] for c, m in parts) / total for k in parts[0][1]}
-
     # --- checkpoints ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _full_weights(self):
@@ -690,13 +542,13 @@ class DistributedTrainer(Trainer):
             yield
 
     def _write_checkpoint(self, tmp):
-        tmp = broadcast_object(tmp)  # rank 0's temporary folder, from ckpt.save_checkpoint
+        tmp = self.comm.broadcast(tmp)  # rank 0's temporary folder, from ckpt.save_checkpoint
         if self.engine is not None:
             self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False)
         with self._full_weights():
             if self.rank == 0:
                 super()._write_checkpoint(tmp)
-        dist.barrier()  # every shard is written before rank 0 fsyncs and renames the folder
+        self.comm.barrier()  # every shard is written before rank 0 fsyncs and renames the folder
 
     def save(self) -> str:
         if self.rank == 0:  # rank 0's output_dir is the run's (run_dir): Trainer.save, with the write above
@@ -704,7 +556,7 @@ class DistributedTrainer(Trainer):
         else:
             self._write_checkpoint(None)
             path = None
-        return broadcast_object(path)  # returns once the checkpoint is in place
+        return self.comm.broadcast(path)  # returns once the checkpoint is in place
 
     def _load_state(self, path: str) -> None:
         has_ds = os.path.isdir(os.path.join(path, DS_DIR))

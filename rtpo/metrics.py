@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 from rtpo.checkpoint import crash_point, replace_file
 
 
@@ -190,3 +192,34 @@ def before_after_table(before: dict, after: dict, title: str) -> str:
         if key in before and key in after:
             lines.append(f"  {name:<26}{f.format(before[key]):>9}{f.format(after[key]):>9}")
     return "\n".join(lines)
+
+
+# Metrics of one step: how each key combines over processes. Keys computed from all-gathered
+# values (rewards, accuracy) are already global; `loss` is each process's share of the global loss;
+# clip/kl/entropy are per-token means, weighted by each process's completion tokens.
+SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups",
+             "all_wrong_groups", "all_right_groups", "mean_example_keep"}
+SUM_KEYS = {"loss"}
+MAX_KEYS = {"skipped_updates"}
+TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap"}
+
+
+def reduce_rows(rows: list) -> dict:
+    """One metrics row from each process's row (same keys); unknown numeric keys are averaged, which
+    is exact for per-row means since every process holds the same number of rows."""
+    weights = [float(r.get("completion_tokens") or 0.0) for r in rows]
+    out = {}
+    for k, v0 in rows[0].items():
+        vals = [r.get(k) for r in rows]
+        if k in SAME_KEYS or k.startswith("reward/") or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                  for v in vals):
+            out[k] = v0
+        elif k in SUM_KEYS:
+            out[k] = float(sum(vals))
+        elif k in MAX_KEYS or k.startswith("time_"):
+            out[k] = max(vals)
+        elif k in TOKEN_WEIGHTED_KEYS and sum(weights) > 0:
+            out[k] = float(sum(w * v for w, v in zip(weights, vals)) / sum(weights))
+        else:
+            out[k] = float(np.mean(vals))
+    return out

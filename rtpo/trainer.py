@@ -8,6 +8,7 @@ One training step:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -23,11 +24,13 @@ from rtpo.advantages import group_advantages, group_outcomes, zero_variance_frac
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
 from rtpo.curriculum import Curriculum, PromptBuilder, PromptTooLong, dropout_rows
 from rtpo.data import load_splits, warmstart_rows
-from rtpo.generation import SamplingConfig, generate
+from rtpo.generation import SamplingConfig, draw_uniforms, generate
 from rtpo.logprobs import collate, completion_logprobs
 from rtpo.losses import hint_nll, policy_loss
-from rtpo.metrics import MetricsLog, before_after_table, make_reporter, plot_metrics, report_to_problem
+from rtpo.metrics import MetricsLog, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
+from rtpo.comm import Comm
+from rtpo.stages import Rollout, Scores, expand
 from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
                           missing_arguments, score)
 
@@ -69,8 +72,9 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     writes_run_dir = True  # writes the run folder and holds its lock (not the other ranks of a data-parallel run)
 
-    def __init__(self, cfg: RTPOConfig, log=None):
+    def __init__(self, cfg: RTPOConfig, log=None, comm: Comm | None = None):
         self.cfg = cfg
+        self.comm = comm or Comm()  # one process unless a data-parallel run hands its own in
         self.out = cfg.run.output_dir
         self.log = log or (lambda msg: print(msg, flush=True))
         self.resume_from = self._resolve_resume()
@@ -249,6 +253,7 @@ class Trainer:
 
     # --- data order: a pure function of (seed, step), so a resumed run sees the same prompts -----
     def batch_indices(self, step: int) -> list:
+        """This process's contiguous share of the step's prompts (all of them in a one-process run)."""
         n, B = len(self.train_rows), self.cfg.rollout.prompts_per_step
         out = []
         for p in range(step * B, step * B + B):
@@ -256,7 +261,7 @@ class Trainer:
             perm = (np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n)
                     if self.cfg.data.shuffle else np.arange(n))
             out.append(int(perm[i]))
-        return out
+        return self.comm.share(out)
 
     # --- one step ------------------------------------------------------------------------------
     def _autocast(self):
@@ -265,6 +270,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _generate(self, prompts, sampling, num_samples, generator=None, **generate_kw):
+        if generator is not None and self.comm.world > 1:
+            # every process draws the step's whole uniform table, as one process would, and samples its columns:
+            # its completions are the ones one process would sample for these rows, the generator stays in step
+            rows, r = len(prompts) * num_samples, self.comm.rank
+            table = draw_uniforms(sampling, rows * self.comm.world, generator)
+            if table is not None:
+                generate_kw["uniforms"] = table[:, r * rows:(r + 1) * rows]
+            generator = None
         was_training = self.model.training
         self.model.eval()
         try:
@@ -281,7 +294,7 @@ class Trainer:
             ids = ids[:-1]
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def rollout(self, step: int) -> dict:
+    def rollout(self, step: int) -> Rollout:
         """G completions for each of the step's prompts. Each example's prompt holds its kept hint
         (the schedule's keep, or its own with curriculum.per_example); with hint_dropout the first
         dropout_rows(G) rows of every group get the hint-free prompt instead. Row r belongs to group r // G."""
@@ -300,25 +313,23 @@ class Trainer:
         tis = c.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
         outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis)
                 if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
-        rows = {k: [] for k in ("prompts", "completions", "finish_reasons", "injected", "prefixes", "row_keep",
-                                "rollout_logprobs")}
+        ro = Rollout(keep=keep, idx=idx, keeps=keeps, hinted_rows=G - n0,
+                     hint_targets=[self.builder.hint_target(e, k) for e, k in zip(encs, keeps)])
         for g, (e, k) in enumerate(zip(encs, keeps)):
             for j in range(G):
                 hint = j >= n0
                 out, r = (outs[1], g * (G - n0) + j - n0) if hint else (outs[0], g * n0 + j)
                 prompt, injected = hinted[g] if hint else plain[g]
-                rows["prompts"].append(prompt)
-                rows["completions"].append(out.completions[r])
-                rows["rollout_logprobs"].append(out.logprobs[r] if out.logprobs is not None else None)
-                rows["finish_reasons"].append(out.finish_reasons[r])
-                rows["injected"].append(injected)
-                rows["row_keep"].append(k if hint else 0.0)
-                rows["prefixes"].append(self.builder.prefix_text(e, k) if hint else "")
-        return {"keep": keep, "idx": idx, "keeps": keeps, "hint_targets": [self.builder.hint_target(e, k)
-                                                                           for e, k in zip(encs, keeps)],
-                "hinted_rows": G - n0, **rows,
-                "answers": [self.train_rows[idx[r // G]].answer for r in range(len(rows["prompts"]))],
-                "questions": [self.train_rows[idx[r // G]].question for r in range(len(rows["prompts"]))]}
+                ro.prompts.append(prompt)
+                ro.completions.append(out.completions[r])
+                ro.rollout_logprobs.append(out.logprobs[r] if out.logprobs is not None else None)
+                ro.finish_reasons.append(out.finish_reasons[r])
+                ro.injected.append(injected)
+                ro.row_keep.append(k if hint else 0.0)
+                ro.prefixes.append(self.builder.prefix_text(e, k) if hint else "")
+        examples = expand([self.train_rows[i] for i in idx], G)
+        ro.answers, ro.questions = [ex.answer for ex in examples], [ex.question for ex in examples]
+        return ro
 
     def reward_kwargs(self, rows, prompts, completion_ids, texts, prefixes, finish_reasons, keeps,
                       max_new_tokens) -> dict:
@@ -338,25 +349,39 @@ class Trainer:
                   step=self.step)
         return kw
 
-    def score(self, ro: dict) -> dict:
-        texts = [self._decode(c) for c in ro["completions"]]
+    def score(self, ro: Rollout) -> Scores:
+        """Rewards of this process's rows, gathered over processes, then group advantages on the whole
+        batch (so scale_rewards = batch uses every process's rewards); this process keeps its own rows'."""
         G = self.cfg.rollout.num_generations
-        ctx = self.reward_kwargs([self.train_rows[ro["idx"][r // G]] for r in range(len(texts))], ro["prompts"],
-                                 ro["completions"], texts, ro["prefixes"], ro["finish_reasons"], ro["row_keep"],
-                                 self.cfg.rollout.max_new_tokens)
+        texts = [self._decode(c) for c in ro.completions]
+        ctx = self.reward_kwargs(expand([self.train_rows[i] for i in ro.idx], G), ro.prompts, ro.completions, texts,
+                                 ro.prefixes, ro.finish_reasons, ro.row_keep, self.cfg.rollout.max_new_tokens)
         try:
-            total, per_fn = score(self.reward_fns, texts, ro["answers"], **ctx)
+            total, per_fn = score(self.reward_fns, texts, ro.answers, **ctx)
         except RewardError as e:
             raise TrainingError(f"step {self.step}: {e}. Fix it, then continue from the last checkpoint with "
                                 "--resume auto") from None
-        rewards = torch.tensor(total, dtype=torch.float32)
-        acc = per_fn.get("accuracy") or accuracy_reward(texts, ro["answers"], **ctx)
-        adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
-                               self.cfg.loss.adv_eps)
-        sc = {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts,
-              "group_idx": list(ro["idx"]), "group_keeps": list(ro["keeps"])}
+        acc = per_fn.get("accuracy") or accuracy_reward(texts, ro.answers, **ctx)
+        sc = self._gathered(Scores(rewards=torch.tensor(total, dtype=torch.float32), per_fn=per_fn, accuracy=acc,
+                                   texts=texts, group_idx=list(ro.idx), group_keeps=list(ro.keeps)))
+        adv = group_advantages(sc.rewards, G, self.cfg.loss.scale_rewards, self.cfg.loss.adv_eps)
+        lo = self.comm.rank * len(ro)
+        sc.advantages = adv[lo:lo + len(ro)]
         self._last_scored = (ro, sc, ctx["prompts"])  # samples.jsonl reads the step's rollout from here
         return sc
+
+    def _gathered(self, sc: Scores) -> Scores:
+        """`sc` with every process's rows (in rank order) and groups; texts stay this process's."""
+        if self.comm.world == 1:
+            return sc
+        names = sorted(sc.per_fn)
+        local = torch.stack([sc.rewards.double(), torch.tensor(sc.accuracy, dtype=torch.float64)]
+                            + [torch.tensor(sc.per_fn[k], dtype=torch.float64) for k in names], dim=1)
+        full = self.comm.gather_rows(local)
+        groups = self.comm.gather_objects((sc.group_idx, sc.group_keeps))  # per-example hints see every group
+        return Scores(rewards=full[:, 0].float(), accuracy=full[:, 1].tolist(), texts=sc.texts,
+                      per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
+                      group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
 
     def _micro_batches(self, rows: list) -> list:
         m = self.cfg.optim.micro_batch_size
@@ -366,7 +391,7 @@ class Trainer:
     def _logprobs_no_grad(self, model, ro, micro):
         out = []
         for mb in micro:
-            batch = collate([ro["prompts"][i] for i in mb], [ro["completions"][i] for i in mb],
+            batch = collate([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb],
                             self.tok.pad_token_id, self.device)
             with self._autocast():
                 lp, _ = self._completion_logprobs(model, batch, with_entropy=False)
@@ -375,7 +400,7 @@ class Trainer:
 
     def update(self, ro: dict, sc: dict) -> dict:
         c = self.cfg
-        N = len(ro["completions"])
+        N = len(ro.completions)
         splits = np.array_split(np.arange(N), c.optim.mini_batches)
         minis = [[int(i) for i in s] for s in splits if len(s)]
         micro_of = [self._micro_batches(mb) for mb in minis]
@@ -443,8 +468,8 @@ class Trainer:
         mean negative log-likelihood of the hint targets `hint` = (contexts, targets), computed in
         the same forward as extra rows (they never enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
-        comps = [ro["completions"][i] for i in rows]
-        batch = collate([ro["prompts"][i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
+        comps = [ro.completions[i] for i in rows]
+        batch = collate([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
                         self.device)
         with self._autocast():
             logp_all, ent_all = self._completion_logprobs(self.model, batch)
@@ -452,7 +477,7 @@ class Trainer:
         logp, mask = logp_all[:n, :T], batch["completion_mask"][:n, :T]
         loss, st = policy_loss(
             logp.float(), old_lp[:, :T] if old_lp is not None else logp.detach(),
-            sc["advantages"][rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
+            sc.advantages[rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
             eps_high=c.loss.epsilon_high, beta=c.loss.beta, ref_logp=ref_lp[:, :T] if ref_lp is not None else None,
             entropy=ent_all[:n, :T].float() if ent_all is not None else None, entropy_coef=c.loss.entropy_coef,
             n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
@@ -470,14 +495,14 @@ class Trainer:
             return None
         out = torch.zeros((len(rows), T), dtype=torch.float32)
         for a, i in enumerate(rows):
-            lps = ro["rollout_logprobs"][i]
+            lps = ro.rollout_logprobs[i]
             out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
         return out.to(self.device)
 
     def _hint_rows(self, ro, rows) -> tuple[list, list]:
         """(contexts, targets) of the hint loss for the groups that start in `rows` and carry a hint."""
         G = self.cfg.rollout.num_generations
-        pairs = [ro["hint_targets"][i // G] for i in rows if i % G == 0]
+        pairs = [ro.hint_targets[i // G] for i in rows if i % G == 0]
         pairs = [(ctx, tgt) for ctx, tgt in pairs if tgt]
         return [p for p, _ in pairs], [t for _, t in pairs]
 
@@ -486,8 +511,9 @@ class Trainer:
 
     def _normalizers(self, ro, rows) -> tuple:
         """(completion tokens, sequences) of the update that `rows` belong to: the loss normalisers.
-        A data-parallel subclass returns the counts over all processes."""
-        return sum(len(ro["completions"][i]) for i in rows), len(rows)
+        Counted over all processes: each process's loss is its share of the global loss."""
+        n_tokens, n_seqs = self.comm.sum([sum(len(ro.completions[i]) for i in rows), len(rows)])
+        return int(n_tokens), int(n_seqs)
 
     def _backward(self, loss):
         loss.backward()
@@ -508,31 +534,38 @@ class Trainer:
         t2 = time.perf_counter()
         up = self.update(ro, sc)
         G = self.cfg.rollout.num_generations
-        acc = float(np.mean(sc["accuracy"]))
+        acc = float(np.mean(sc.accuracy))
         self.curriculum.observe(step, acc)
-        per_group = torch.tensor(sc["accuracy"], dtype=torch.float32).view(-1, G)
+        per_group = torch.tensor(sc.accuracy, dtype=torch.float32).view(-1, G)
         # an example's own keep follows the rows that carried its hint (all rows if dropout took them all)
-        hinted = per_group[:, G - ro["hinted_rows"]:] if ro["hinted_rows"] else per_group
-        self.curriculum.observe_examples(sc["group_idx"], sc["group_keeps"], hinted.mean(1).tolist())
+        hinted = per_group[:, G - ro.hinted_rows:] if ro.hinted_rows else per_group
+        self.curriculum.observe_examples(sc.group_idx, sc.group_keeps, hinted.mean(1).tolist())
         all_wrong, all_right = group_outcomes(per_group)
-        comp_lens = [len(x) for x in ro["completions"]]
+        comp_lens = [len(x) for x in ro.completions]
         row = {
-            "step": step, "keep": ro["keep"], "injected_tokens": float(np.mean(ro["injected"])),
-            "mean_example_keep": float(np.mean(sc["group_keeps"])),
+            "step": step, "keep": ro.keep, "injected_tokens": float(np.mean(ro.injected)),
+            "mean_example_keep": float(np.mean(sc.group_keeps)),
             "completion_tokens": float(np.mean(comp_lens)),
-            "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in ro["completions"]])),
-            "reward": float(sc["rewards"].mean()), "reward_std": float(sc["rewards"].std()),
-            "accuracy": acc, "zero_var_groups": zero_variance_fraction(sc["rewards"], G),
+            "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in ro.completions])),
+            "reward": float(sc.rewards.mean()), "reward_std": float(sc.rewards.std()),
+            "accuracy": acc, "zero_var_groups": zero_variance_fraction(sc.rewards, G),
             "all_wrong_groups": all_wrong, "all_right_groups": all_right,
-            "truncated_completions": float(np.mean([r == "length" for r in ro["finish_reasons"]])),
+            "truncated_completions": float(np.mean([r == "length" for r in ro.finish_reasons])),
         }
-        for name, vals in sc["per_fn"].items():
+        for name, vals in sc.per_fn.items():
             row[f"reward/{name}"] = float(np.mean(vals))
             row[f"reward_std/{name}"] = float(np.std(vals))
         row.update({k: v for k, v in up.items()})
         row["lr"] = self.scheduler.get_last_lr()[0]
         row.update({"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_step": time.perf_counter() - t0})
-        return row
+        if self.comm.world == 1:
+            return row
+        parts = self.comm.gather_objects((row, self._signalled))
+        # A signal reaches the processes at slightly different moments; all stop at the same step.
+        sig = next((s for _, s in parts if s), None)
+        if sig and not self._stop_signal:
+            self._stop_signal = sig
+        return reduce_rows([r for r, _ in parts])
 
     # --- evaluation ----------------------------------------------------------------------------
     def greedy_completions(self, prompts: list, progress=None) -> tuple:
@@ -587,11 +620,18 @@ class Trainer:
         """Greedy, NO hint (the prompts a user would send), on the held-out rows."""
         e = self.cfg.eval
         encs, rows = self.eval_enc[: e.num_examples], self.eval_rows[: e.num_examples]
-        if not encs:
-            return {}
-        metrics, records = self.evaluate_at(0.0, encs, rows)
-        self._eval_samples = records[: self.cfg.log.sample_eval_rows]  # samples.jsonl
-        return {f"eval/{k}": v for k, v in metrics.items() if k != "injected_tokens"}
+        lo, hi = self.comm.bounds(len(encs))  # sharded over processes, means combined by example counts
+        metrics = {}
+        if hi > lo:
+            with self._generation_context():
+                metrics, records = self.evaluate_at(0.0, encs[lo:hi], rows[lo:hi])
+            self._eval_samples = records[: self.cfg.log.sample_eval_rows]  # samples.jsonl
+        metrics = {f"eval/{k}": v for k, v in metrics.items() if k != "injected_tokens"}
+        return self.comm.weighted_mean(hi - lo, metrics)
+
+    def _generation_context(self):
+        """Held around a phase of generation (a rollout, an evaluation)."""
+        return contextlib.nullcontext()
 
     def sample_records(self, step: int, train: bool = True) -> list:
         """samples.jsonl rows: every completion of the last scored rollout's first log.sample_groups
@@ -601,13 +641,13 @@ class Trainer:
         last = getattr(self, "_last_scored", None)
         if train and last is not None:
             ro, sc, prompts = last
-            for r in range(min(self.cfg.log.sample_groups * G, len(ro["completions"]))):
-                out.append({"step": step, "split": "train", "group": r // G, "example": self.train_rows[ro["idx"][r // G]].index,
-                            "prompt": prompts[r], "keep": float(ro["row_keep"][r]), "injected_tokens": ro["injected"][r],
-                            "completion": sc["texts"][r], "answer": ro["answers"][r], "reward": float(sc["rewards"][r]),
-                            "rewards": {k: v[r] for k, v in sc["per_fn"].items()},
-                            "advantage": float(sc["advantages"][r]), "finish_reason": ro["finish_reasons"][r],
-                            "completion_tokens": len(ro["completions"][r])})
+            for r in range(min(self.cfg.log.sample_groups * G, len(ro.completions))):
+                out.append({"step": step, "split": "train", "group": r // G, "example": self.train_rows[ro.idx[r // G]].index,
+                            "prompt": prompts[r], "keep": float(ro.row_keep[r]), "injected_tokens": ro.injected[r],
+                            "completion": sc.texts[r], "answer": ro.answers[r], "reward": float(sc.rewards[r]),
+                            "rewards": {k: v[r] for k, v in sc.per_fn.items()},
+                            "advantage": float(sc.advantages[r]), "finish_reason": ro.finish_reasons[r],
+                            "completion_tokens": len(ro.completions[r])})
         out += [{"step": step, "split": "eval", **rec} for rec in getattr(self, "_eval_samples", [])]
         self._eval_samples = []
         return out
@@ -659,7 +699,9 @@ class Trainer:
         name = signal.Signals(signum).name
         if self._signalled:  # a second signal: the user does not want to wait for the step to end
             self._quit_now(name)
-        self._signalled = self._stop_signal = name
+        self._signalled = name
+        if self.comm.world == 1:  # otherwise train_step stops every process at the same step
+            self._stop_signal = name
         # os.write, not print: a handler that prints while the interrupted code prints raises
         os.write(2, f"[rtpo] {name}: stopping after this step with a checkpoint; send {name} again to quit at "
                     "once without saving\n".encode())

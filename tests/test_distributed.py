@@ -13,7 +13,8 @@ from conftest import tiny_args
 
 from rtpo.config import ConfigError, parse_args
 from rtpo.distributed import (DistributedTrainer, ensure_launch_env, make_trainer, micro_batches_per_update,
-                              reduce_rows, reference_ds_config, resolve_ds_config, strip_launcher_args)
+                              reference_ds_config, resolve_ds_config, strip_launcher_args)
+from rtpo.metrics import reduce_rows
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 

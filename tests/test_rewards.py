@@ -199,14 +199,14 @@ def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, mon
     import colrewards
 
     by_q = {r["question"]: r for r in rows}
-    groups = [t.train_rows[i] for i in ro["idx"] for _ in range(2)]
-    assert sc["per_fn"]["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
+    groups = [t.train_rows[i] for i in ro.idx for _ in range(2)]
+    assert sc.per_fn["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
     assert colrewards.SEEN["source"] == [by_q[e.question]["source"] for e in groups]
     assert colrewards.SEEN["question"] == [e.question for e in groups]
-    assert colrewards.SEEN["ids"] == ro["completions"]
-    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro["prompts"]]
+    assert colrewards.SEEN["ids"] == ro.completions
+    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro.prompts]
     assert all(e.question in p for e, p in zip(groups, colrewards.SEEN["prompts"]))
-    assert colrewards.SEEN["keeps"] == ro["row_keep"]
+    assert colrewards.SEEN["keeps"] == ro.row_keep
 
 
 def test_reward_needing_an_absent_column_is_refused_at_setup(tmp_path, monkeypatch):
@@ -248,4 +248,4 @@ def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_pas
                                "--rewards.custom", '{"clash:f": 1.0}'))
     t = Trainer(cfg, log=logs.append)
     assert sum("dataset column(s) 'prompts'" in m for m in logs) == 1 and "prompts" not in t.column_names
-    assert set(t.score(t.rollout(0))["per_fn"]["clash:f"]) == {1.0}
+    assert set(t.score(t.rollout(0)).per_fn["clash:f"]) == {1.0}
