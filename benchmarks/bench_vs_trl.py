@@ -83,7 +83,7 @@ def current_rss_mb() -> float:
 
 def rtpo_trainer(args, out_dir, threads):
     """rtpo's Trainer at its defaults, with the prompt schedule fixed to `--keep`."""
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     argv = ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),

@@ -7,6 +7,8 @@ The trainer only ever asks its comm; it never checks which one it holds.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -93,3 +95,22 @@ class TorchComm(Comm):
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the run, or a run of one process (before or after the process group exists)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def shutdown() -> None:
+    """Tear the process group down explicitly: a ZeRO-3 process that exits with it alive aborts.
+    No barrier first: after an error on one process the others may sit in another collective, and
+    that process must exit (the launcher then stops the rest) rather than wait for them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -13,6 +13,16 @@ import numpy as np
 from rtpo.checkpoint import crash_point, replace_file
 
 
+class NoLog:
+    """Where a process that does not write the run folder logs: nowhere."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def write_many(self, rows: list) -> None:
+        pass
+
+
 class MetricsLog:
     """Appends one row per step. On resume, rows after the resumed step are dropped first, so a
     resumed run's file equals an uninterrupted run's. Every row ends in a newline: a last line
@@ -194,14 +204,22 @@ def before_after_table(before: dict, after: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-# Metrics of one step: how each key combines over processes. Keys computed from all-gathered
-# values (rewards, accuracy) are already global; `loss` is each process's share of the global loss;
-# clip/kl/entropy are per-token means, weighted by each process's completion tokens.
-SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups",
-             "all_wrong_groups", "all_right_groups", "mean_example_keep"}
-SUM_KEYS = {"loss"}
-MAX_KEYS = {"skipped_updates"}
-TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap"}
+# How each metric of a step combines over processes, declared where the metric is defined
+# (`reduce_as` in rtpo/trainer.py): "same" (computed from gathered values: already global), "sum"
+# (each process holds a share), "max", "tokens" (a per-token mean, weighted by each process's
+# completion tokens) or "mean" (a per-row mean; every process holds as many rows). Undeclared:
+# time_* take the max, reward/* are global, anything else is a per-row mean.
+REDUCE: dict = {}
+
+
+def reduce_as(how: str, *names: str) -> None:
+    if how not in ("same", "sum", "max", "tokens", "mean"):
+        raise ValueError(f"unknown reduction {how!r}")
+    REDUCE.update(dict.fromkeys(names, how))
+
+
+def _reduction(key: str) -> str:
+    return REDUCE.get(key) or ("max" if key.startswith("time_") else "same" if key.startswith("reward/") else "mean")
 
 
 def reduce_rows(rows: list) -> dict:
@@ -210,15 +228,14 @@ def reduce_rows(rows: list) -> dict:
     weights = [float(r.get("completion_tokens") or 0.0) for r in rows]
     out = {}
     for k, v0 in rows[0].items():
-        vals = [r.get(k) for r in rows]
-        if k in SAME_KEYS or k.startswith("reward/") or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                  for v in vals):
+        vals, how = [r.get(k) for r in rows], _reduction(k)
+        if how == "same" or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             out[k] = v0
-        elif k in SUM_KEYS:
+        elif how == "sum":
             out[k] = float(sum(vals))
-        elif k in MAX_KEYS or k.startswith("time_"):
+        elif how == "max":
             out[k] = max(vals)
-        elif k in TOKEN_WEIGHTED_KEYS and sum(weights) > 0:
+        elif how == "tokens" and sum(weights) > 0:
             out[k] = float(sum(w * v for w, v in zip(weights, vals)) / sum(weights))
         else:
             out[k] = float(np.mean(vals))

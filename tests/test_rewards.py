@@ -179,7 +179,7 @@ def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, mon
     extra columns (`difficulty`, `source`) of that completion's own row: it returns the row's
     difficulty, and the per-function rewards equal the difficulty column of each group's row."""
     from conftest import tiny_args
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     rows = _dataset_with_columns(tmp_path / "data.jsonl")
@@ -213,7 +213,8 @@ def test_reward_needing_an_absent_column_is_refused_at_setup(tmp_path, monkeypat
     """A reward function that requires a column the dataset lacks stops at setup with a ConfigError
     naming the argument and listing the columns there are."""
     from conftest import tiny_args
-    from rtpo.config import ConfigError, parse_args
+    from rtpo.config import ConfigError
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     _dataset_with_columns(tmp_path / "data.jsonl")
@@ -233,7 +234,7 @@ def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_pas
     import json
 
     from conftest import tiny_args
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     rows = [{"question": f"Compute {i}+1.", "reasoning": "", "answer": str(i + 1), "prompts": "column value"}

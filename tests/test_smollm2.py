@@ -17,7 +17,8 @@ import torch
 
 from rtpo import models
 from rtpo.checkpoint import write_atomically
-from rtpo.config import ConfigError, ModelConfig, parse_args
+from rtpo.config import ConfigError, ModelConfig
+from rtpo.cli import parse_args
 from rtpo.presets import apply_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rtpo.checkpoint import list_checkpoints
-from rtpo.config import parse_args
+from rtpo.cli import parse_args
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
