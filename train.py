@@ -17,21 +17,23 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from rtpo.config import ConfigError, RTPOConfig, parse_args
+    from rtpo.config import ConfigError, RTPOConfig
+    from rtpo.cli import parse_args
 
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         print(json.dumps(RTPOConfig().to_dict(), indent=2))
         return 0
     from rtpo.data import DataError
-    from rtpo.distributed import is_main_process, make_trainer, shutdown, strip_launcher_args
-    from rtpo.trainer import TrainingError
+    from rtpo.cli import strip_launcher_args
+    from rtpo.comm import is_main_process, shutdown
+    from rtpo.trainer import TrainingError, make_trainer
 
     argv = strip_launcher_args(argv)  # the `deepspeed` launcher's --local_rank=N
     trainer = None
     try:
         cfg = parse_args(argv)
-        trainer = make_trainer(cfg)  # plain, DeepSpeed or DDP: see rtpo/distributed.py
+        trainer = make_trainer(cfg)  # one process, DeepSpeed or DDP: see rtpo/backends/
         summary = trainer.train()
     except (ConfigError, DataError) as e:  # bad input, found during setup: the output folder is untouched
         print(f"error: {_one_line(e)}", file=sys.stderr)

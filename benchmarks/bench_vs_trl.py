@@ -83,7 +83,7 @@ def current_rss_mb() -> float:
 
 def rtpo_trainer(args, out_dir, threads):
     """rtpo's Trainer at its defaults, with the prompt schedule fixed to `--keep`."""
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     argv = ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
@@ -484,17 +484,17 @@ def check_real_batch(t, model_path, args):
     micro = cfg.optim.micro_batch_size
     ro = t.rollout(0)
     sc = t.score(ro)
-    N = len(ro["completions"])
+    N = len(ro.completions)
     ga = N // micro
     # rtpo: the trainer's update path without the optimizer step
     model_r = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
-    n_tokens = sum(len(c) for c in ro["completions"])
+    n_tokens = sum(len(c) for c in ro.completions)
     loss_r, lp_r = 0.0, []
     for j in range(0, N, micro):
         rows = list(range(j, j + micro))
-        batch = collate([ro["prompts"][i] for i in rows], [ro["completions"][i] for i in rows], tok.pad_token_id)
+        batch = collate([ro.prompts[i] for i in rows], [ro.completions[i] for i in rows], tok.pad_token_id)
         logp, ent = completion_logprobs(model_r, batch, cfg.rollout.temperature)
-        loss, _ = policy_loss(logp.float(), logp.detach(), sc["advantages"][rows], batch["completion_mask"],
+        loss, _ = policy_loss(logp.float(), logp.detach(), sc.advantages[rows], batch["completion_mask"],
                               loss_type=cfg.loss.loss_type, eps_low=cfg.loss.epsilon_low,
                               eps_high=cfg.loss.epsilon_high, n_seqs=N, n_tokens=n_tokens,
                               max_len=cfg.rollout.max_new_tokens)
@@ -504,13 +504,13 @@ def check_real_batch(t, model_path, args):
     # TRL: its own scoring of the same completions, then its loss
     tr = _trl_trainer_for_check(model_path, tok, cfg, args, per_device_train_batch_size=micro,
                                 gradient_accumulation_steps=ga)
-    texts = [tok.decode(c, skip_special_tokens=True) for c in ro["completions"]]
-    prompt_ids = [list(p) for p in ro["prompts"]]
-    tr._generate = lambda prompts: (prompt_ids, [list(c) for c in ro["completions"]], None, texts, None, {}, None, [])
+    texts = [tok.decode(c, skip_special_tokens=True) for c in ro.completions]
+    prompt_ids = [list(p) for p in ro.prompts]
+    tr._generate = lambda prompts: (prompt_ids, [list(c) for c in ro.completions], None, texts, None, {}, None, [])
     inputs = [{"prompt": tok.decode(p, skip_special_tokens=False), "answer": a}
-              for p, a in zip(ro["prompts"], ro["answers"])]
+              for p, a in zip(ro.prompts, ro.answers)]
     out = tr._generate_and_score_completions(inputs)
-    adv_diff = (out["advantages"].float() - sc["advantages"]).abs().max().item()
+    adv_diff = (out["advantages"].float() - sc.advantages).abs().max().item()
     tr.current_gradient_accumulation_steps = ga
     loss_t, lp_diff = 0.0, 0.0
     for m, j in enumerate(range(0, N, micro)):

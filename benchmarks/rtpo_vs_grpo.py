@@ -68,7 +68,7 @@ QUICK = {"steps": 24, "seeds": "1,2", "eval_examples": 128, "eval_every": 12}
 def trainer_argv(arm: str, seed: int, out: str, args) -> list:
     """The run's overrides on top of the project defaults. More held-out rows than data.num_eval
     change the held-out set, hence the warm-start's rows: one more warm-start is built (and cached)."""
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
 
     argv = REGIMES[args.regime] + ["--run.output_dir", out, "--run.overwrite", "true", "--run.seed", str(seed),
             "--log.progress", "false", "--log.plot", "false", "--checkpoint.every", "0",
@@ -89,7 +89,7 @@ def trainer_argv(arm: str, seed: int, out: str, args) -> list:
 
 def run_arm(arm: str, seed: int, args, workdir: str, log=None) -> dict:
     """Train one arm for one seed; returns its per-step and eval rows and wall time."""
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.metrics import read_metrics
     from rtpo.trainer import Trainer
 

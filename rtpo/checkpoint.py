@@ -311,3 +311,12 @@ def write_atomically(dest: str, write) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+DS_DIR = "deepspeed"  # a DeepSpeed run's ZeRO shards inside a checkpoint folder
+
+
+def deepspeed_checkpoint_message(path: str) -> str:
+    return (f"run.resume: {path} was written by a DeepSpeed run (its optimizer state is in ZeRO shards under "
+            f"{DS_DIR}/); resume with the same --run.deepspeed config and number of processes, or start a new run "
+            f"from its weights with --model {path}")

@@ -354,68 +354,6 @@ def apply_dict(cfg: RTPOConfig, data: dict, source: str = "config") -> RTPOConfi
     return cfg
 
 
-def load_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml  # a dependency of transformers
-
-        try:
-            return yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)  # one line: where and what, not YAML's multi-line report
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            what = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise ConfigError(f"--config {path!r}: not valid YAML: {where}{what}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path!r}: not valid JSON ({e}); YAML files must end in .yaml/.yml") from None
-
-
-def parse_args(argv: list[str], base: Optional[RTPOConfig] = None) -> RTPOConfig:
-    """`--config FILE` (applied first), `--preset NAME`, then `--key value` / `--key=value` overrides."""
-    from rtpo.presets import apply_preset
-
-    cfg = base or RTPOConfig()
-    pairs: list[tuple[str, Optional[str]]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --key value")
-        key = arg[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            val = argv[i + 1]
-            i += 1
-        else:
-            val = None  # a bare flag: true for booleans
-        pairs.append((key, val))
-        i += 1
-    for key, val in pairs:
-        if key == "preset":
-            apply_preset(cfg, val)
-    for key, val in pairs:
-        if key == "config":
-            if val is None:
-                raise ConfigError("--config needs a file path")
-            apply_dict(cfg, load_file(val), source=val)
-    for key, val in pairs:
-        if key in ("config", "preset"):
-            continue
-        if val is None:
-            sec, name = resolve_key(cfg, key)
-            if _field_type(getattr(cfg, sec), name) is not bool:
-                raise ConfigError(f"--{key} needs a value")
-            val = "true"
-        set_value(cfg, key, val)
-    return cfg.validate()
-
-
 def _choice(value, choices, key):
     if value not in choices:
         raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
@@ -428,6 +366,12 @@ def _positive(value, key, allow_zero=False):
 
 def validate(cfg: RTPOConfig) -> None:
     """Cross-field checks that a typed field cannot express; each error names the key and the fix."""
+    _check_choices(cfg)
+    _check_signs(cfg)
+    _check_ranges(cfg)
+
+
+def _check_choices(cfg: RTPOConfig) -> None:
     from rtpo.advantages import SCALE_REWARDS
     from rtpo.curriculum import SCHEDULES
     from rtpo.losses import IMPORTANCE, LOSS_TYPES
@@ -451,6 +395,9 @@ def validate(cfg: RTPOConfig) -> None:
     _choice(c.data.format, ["auto", "fields", "gsm8k"], "data.format")
     _choice(c.warmstart.enabled, ["auto", "true", "false"], "warmstart.enabled")
     _choice(c.run.dtype, ["auto", "float32", "bfloat16", "float16"], "run.dtype")
+
+
+def _check_signs(c: RTPOConfig) -> None:
     for key, v in [("run.max_steps", c.run.max_steps), ("rollout.prompts_per_step", c.rollout.prompts_per_step),
                    ("rollout.max_new_tokens", c.rollout.max_new_tokens), ("optim.micro_batch_size", c.optim.micro_batch_size),
                    ("optim.mini_batches", c.optim.mini_batches), ("loss.num_iterations", c.loss.num_iterations),
@@ -483,6 +430,9 @@ def validate(cfg: RTPOConfig) -> None:
         if not 0 <= v < 1:
             raise ConfigError(f"{key} = {v} must be in [0, 1) (AdamW moment decay); the default is "
                               f"{getattr(OptimConfig(), key.split('.')[1])}")
+
+
+def _check_ranges(c: RTPOConfig) -> None:
     if c.rollout.num_generations < 2:
         raise ConfigError(
             f"rollout.num_generations = {c.rollout.num_generations}: group-relative advantages need G >= 2 "

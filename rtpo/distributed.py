@@ -1,24 +1,23 @@
-"""Data-parallel training: DeepSpeed ZeRO (stages 1-3, CPU offload) or, without a DeepSpeed config,
-torch DDP under torchrun. The single-process Trainer stays the reference; this subclass only
-changes what must change so that W processes train exactly like one process on the same batch:
+"""What the data-parallel backends (rtpo/backends/ddp.py, zero.py) share: launch environment, process
+group, placement, DeepSpeed config resolution, the one-module log-prob forward, ZeRO-3 generation.
 
+How W processes train exactly like one process on the same batch:
 - sharding: each process takes a contiguous 1/W of the step's prompts with all G completions of
-  each, so group statistics never cross processes. Rewards are all-gathered before advantages, so
-  `scale_rewards = batch` uses the whole batch's std too.
+  each (Trainer.batch_indices via its Comm), so group statistics never cross processes. Rewards are
+  gathered before advantages (Trainer.score), so `scale_rewards = batch` uses the whole batch's std.
 - sampling: every process draws the step's full uniform table from the shared generator and samples
-  its columns (rtpo.generation.draw_uniforms), so a process's completions are the ones a single
-  process would sample for those rows, and the generator state stays identical everywhere.
+  its columns (rtpo.generation.draw_uniforms), so its completions are the ones one process would
+  sample for those rows, and the generator state stays identical everywhere.
 - loss: the normalisers (tokens, sequences) are summed over processes; DeepSpeed and DDP average
   gradients over the W processes, so each process's loss is multiplied by W before backward.
 - ZeRO-3 generation: parameters are gathered once per rollout / evaluation phase and the ZeRO
   hooks are lifted meanwhile, so decoding does not all-gather every layer for every token. The
   price: during generation each GPU holds a full copy of the (16-bit) weights.
-- metrics are reduced over processes; only rank 0 writes metrics.jsonl, config.json, the plot,
-  the summary and the progress bar, and only rank 0 holds the run folder's lock (rtpo/runlock.py).
-  Evaluation is sharded over processes and the means are combined weighted by example counts.
-- checkpoints: rank 0 writes the usual folder (HF weights, tokenizer, trainer_state.pt); with
-  DeepSpeed every process adds its ZeRO shards under `deepspeed/` before the atomic rename, and
-  `--resume` restores them (same world size and ZeRO stage).
+- metrics are reduced over processes as each declares (rtpo.metrics); only the main process writes
+  the run folder and holds its lock. Evaluation is sharded, means combined by example counts.
+- checkpoints: the main process writes the usual folder (HF weights, tokenizer, trainer_state.pt);
+  with DeepSpeed every process adds its ZeRO shards under `deepspeed/` before the atomic rename,
+  and `--resume` restores them (same world size and ZeRO stage).
 
 RNG states are the same on every process by construction (same seeds, same draws), so rank 0's
 trainer_state.pt restores all of them.
@@ -29,27 +28,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
 import os
-import re
-import shutil
 import socket
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rtpo import checkpoint as ckpt
-from rtpo.advantages import group_advantages
 from rtpo.config import ConfigError, RTPOConfig
-from rtpo.generation import draw_uniforms
 from rtpo.logprobs import completion_logprobs
-from rtpo.trainer import Trainer
 
 AUTO = "auto"
-DS_DIR = "deepspeed"  # ZeRO shards inside a checkpoint folder
 DS_TAG = "state"
 
 
@@ -73,25 +63,6 @@ def local_rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
-
-
-def strip_launcher_args(argv: list) -> list:
-    """The `deepspeed` launcher appends --local_rank=N to the script's arguments; the rank is in the
-    environment too (LOCAL_RANK), so drop the flag instead of failing on an unknown config key."""
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
-            continue
-        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            skip = True
-            continue
-        out.append(a)
-    return out
 
 
 def _free_port() -> int:
@@ -139,16 +110,8 @@ def init_process_group(use_deepspeed: bool, device_type: str) -> None:
         dist.init_process_group(backend)
 
 
-def shutdown() -> None:
-    """Tear the process group down explicitly: a ZeRO-3 process that exits with it alive aborts.
-    No barrier first: after an error on one process the others may sit in another collective, and
-    that process must exit (the launcher then stops the rest) rather than wait for them."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
-def _local_main_first(local_rank_: int):
+def local_main_first(local_rank_: int):
     """Local rank 0 loads first (downloads, warm-start cache), the others then hit the caches."""
     if local_rank_ != 0:
         dist.barrier()
@@ -157,69 +120,6 @@ def _local_main_first(local_rank_: int):
     finally:
         if local_rank_ == 0:
             dist.barrier()
-
-
-# ----------------------------------------------------------------------------- collectives
-
-def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all processes along dim 0, in rank order (on CPU)."""
-    x = t.detach().to(_comm_device())
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts).cpu()
-
-
-def all_reduce_sum(values: list) -> list:
-    x = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(x)
-    return x.cpu().tolist()
-
-
-def all_gather_object(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-# Metrics of one step: how each key combines over processes. Keys computed from all-gathered
-# values (rewards, accuracy) are already global; `loss` is each process's share of the global loss;
-# clip/kl/entropy are per-token means, weighted by each process's completion tokens.
-SAME_KEYS = {"step", "keep", "lr", "grad_norm", "reward", "reward_std", "accuracy", "zero_var_groups",
-             "all_wrong_groups", "all_right_groups", "mean_example_keep"}
-SUM_KEYS = {"loss"}
-MAX_KEYS = {"skipped_updates"}
-TOKEN_WEIGHTED_KEYS = {"clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap"}
-
-
-def reduce_rows(rows: list) -> dict:
-    """One metrics row from each process's row (same keys); unknown numeric keys are averaged, which
-    is exact for per-row means since every process holds the same number of rows."""
-    weights = [float(r.get("completion_tokens") or 0.0) for r in rows]
-    out = {}
-    for k, v0 in rows[0].items():
-        vals = [r.get(k) for r in rows]
-        if k in SAME_KEYS or k.startswith("reward/") or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                  for v in vals):
-            out[k] = v0
-        elif k in SUM_KEYS:
-            out[k] = float(sum(vals))
-        elif k in MAX_KEYS or k.startswith("time_"):
-            out[k] = max(vals)
-        elif k in TOKEN_WEIGHTED_KEYS and sum(weights) > 0:
-            out[k] = float(sum(w * v for w, v in zip(weights, vals)) / sum(weights))
-        else:
-            out[k] = float(np.mean(vals))
-    return out
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -293,19 +193,7 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
                           "optim.lr_schedule / optim.lr_warmup_steps; remove \"scheduler\" from the DeepSpeed config")
 
     def settle(path: tuple, want, rtpo_key: str):
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        k = path[-1]
-        if node.get(k, AUTO) == AUTO:
-            node[k] = want
-            return
-        have = node[k]
-        same = (list(have) == list(want)) if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)) \
-            else (not isinstance(have, bool) and isinstance(have, (int, float)) and have == want)
-        if not same:
-            raise ConfigError(f"{source}: {'.'.join(path)} = {json.dumps(have)} but {rtpo_key} = {json.dumps(want)}; "
-                              "make them equal, or write \"auto\" in the DeepSpeed config")
+        _settle(out, path, want, rtpo_key, source)
 
     o = cfg.optim
     gas = micro_batches_per_update(cfg, world)
@@ -328,6 +216,35 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
         cfg.run.dtype = "bfloat16" if bf16 else "float16"
 
     zo = out.setdefault("zero_optimization", {})
+    _resolve_optimizer(out, cfg, source, settle)
+    _fill_bucket_sizes(zo, hidden_size)
+    left = _auto_paths(out)
+    if left:
+        raise ConfigError(f"{source}: rtpo cannot fill \"auto\" for {', '.join(left)}; give explicit values")
+    return out
+
+
+def _settle(out: dict, path: tuple, want, rtpo_key: str, source: str) -> None:
+    """Fill `path` of the DeepSpeed config with the rtpo value when it is "auto" (or absent); refuse a
+    given value that differs."""
+    node = out
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    k = path[-1]
+    if node.get(k, AUTO) == AUTO:
+        node[k] = want
+        return
+    have = node[k]
+    same = (list(have) == list(want)) if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)) \
+        else (not isinstance(have, bool) and isinstance(have, (int, float)) and have == want)
+    if not same:
+        raise ConfigError(f"{source}: {'.'.join(path)} = {json.dumps(have)} but {rtpo_key} = {json.dumps(want)}; "
+                          "make them equal, or write \"auto\" in the DeepSpeed config")
+
+
+def _resolve_optimizer(out: dict, cfg: RTPOConfig, source: str, settle) -> None:
+    """The optimizer section: AdamW with the rtpo hyper-parameters (torch's unless offloaded)."""
+    o, zo = cfg.optim, out["zero_optimization"]
     offload_opt = (zo.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
     opt = out.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
@@ -348,9 +265,10 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
     settle(("optimizer", "params", "eps"), o.eps, "optim.eps")
     settle(("optimizer", "params", "weight_decay"), o.weight_decay, "optim.weight_decay")
 
-    # Bucket sizes scale with the hidden size (the values the HF Trainer integration uses); without a
-    # model at hand DeepSpeed's defaults apply.
-    h = hidden_size
+
+def _fill_bucket_sizes(zo: dict, h: int | None) -> None:
+    """Bucket sizes scale with the hidden size (the values the HF Trainer integration uses); without a
+    model at hand DeepSpeed's defaults apply."""
     for key, val in (("reduce_bucket_size", h * h if h else None),
                      ("stage3_prefetch_bucket_size", int(0.9 * h * h) if h else None),
                      ("stage3_param_persistence_threshold", 10 * h if h else None)):
@@ -359,10 +277,6 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
                 del zo[key]
             else:
                 zo[key] = val
-    left = _auto_paths(out)
-    if left:
-        raise ConfigError(f"{source}: rtpo cannot fill \"auto\" for {', '.join(left)}; give explicit values")
-    return out
 
 
 def _auto_paths(node, prefix="") -> list:
@@ -378,7 +292,7 @@ def reference_ds_config(resolved: dict) -> dict:
     return out
 
 
-def _hidden_size(model):
+def hidden_size(model):
     c = model.config
     c = getattr(c, "text_config", None) or c
     for k in ("hidden_size", "d_model", "n_embd"):
@@ -405,21 +319,7 @@ class LogprobModule(torch.nn.Module):
         return completion_logprobs(self.lm, batch, self.temperature, with_entropy=with_entropy)
 
 
-_BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "prompt_len")
-
-
-class _InDeepSpeedCheckpoint:
-    """Stands for the optimizer under DeepSpeed: the engine owns gradients and optimizer state (zeroed
-    by engine.step, saved in the checkpoint's deepspeed/ folder)."""
-
-    def zero_grad(self, set_to_none=True):
-        pass
-
-    def state_dict(self):
-        return {"in": DS_DIR}
-
-    def load_state_dict(self, state):
-        pass
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "prompt_len")
 
 
 @contextlib.contextmanager
@@ -441,318 +341,30 @@ def gathered_for_generation(engine):
             offload._register_deepspeed_module(offload.module)
 
 
-# ----------------------------------------------------------------------------- the trainer
+# ----------------------------------------------------------------------------- placement
 
-class DistributedTrainer(Trainer):
-    """Trainer for W >= 1 processes under DeepSpeed (run.deepspeed set) or DDP (torchrun, no config)."""
-
-    def __init__(self, cfg: RTPOConfig, log=None):
-        self.use_deepspeed = bool(cfg.run.deepspeed)
-        self.stage = 0
-        ds_raw = None
-        if self.use_deepspeed:
-            ds_raw = load_ds_config(cfg.run.deepspeed)
-            ensure_launch_env()
-        self.world, self.rank, self.local_rank = world_size(), rank(), local_rank()
-        self.gas = micro_batches_per_update(cfg, self.world)
-        device_type = self._place(cfg)  # before importing DeepSpeed: it picks its accelerator on import
-        if ds_raw is not None:  # fail on a bad config before loading anything
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError as e:
-                raise ConfigError(f"run.deepspeed = {cfg.run.deepspeed!r} but DeepSpeed cannot be imported ({e}): "
-                                  "pip install deepspeed, or drop --run.deepspeed (under torchrun rtpo then trains "
-                                  "with DDP)") from None
-            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-            self.stage = zero_stage(ds_raw)
-            resolve_ds_config(ds_raw, cfg, self.world, source=cfg.run.deepspeed)
-        init_process_group(self.use_deepspeed, device_type)
-        self.engine = self.ref_engine = self.ddp = None
-        self._pending_resume = None
-        self._pending_signal = None
-        self._micro_count = 0
-        self._scratch = None
-        main_log = log or (lambda msg: print(msg, flush=True))
-        with _local_main_first(self.local_rank):
-            super().__init__(cfg, log=main_log if self.rank == 0 else (lambda msg: None))
-        self.run_dir = self.out
-        if self.use_deepspeed:
-            self._init_deepspeed(ds_raw)
-        else:
-            self._init_ddp()
-        if self._pending_resume:
-            self._load_state(self._pending_resume)
-        if self.rank != 0:
-            # This process's config.json / metrics.jsonl / summary.json would duplicate rank 0's:
-            # Trainer.train writes them to self.out, so point it at a throwaway folder.
-            self.cfg.log.progress = self.cfg.log.plot = False
-            self.cfg.log.report_to = "none"
-            self._scratch = tempfile.mkdtemp(prefix=f"rtpo-rank{self.rank}-")
-            self.out = self._scratch
-            self.writes_run_dir = False  # rank 0 holds the run folder's lock for the whole run
-        mode = f"DeepSpeed ZeRO-{self.stage}" if self.use_deepspeed else "DDP"
-        self.log(f"[rtpo] {mode}: {self.world} process(es), {cfg.rollout.prompts_per_step // self.world} prompts x "
-                 f"{cfg.rollout.num_generations} completions each per step, {self.gas} micro batch(es) per update")
-
-    # --- setup ---------------------------------------------------------------------------------
-    def _place(self, cfg) -> str:
-        dev = cfg.run.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda"):
-            if self.world > 1:
-                if dev not in ("cuda", f"cuda:{self.local_rank}"):
-                    raise ConfigError(f"run.device = {cfg.run.device!r} with {self.world} processes: each process "
-                                      "uses cuda:LOCAL_RANK; leave --run.device auto")
-                dev = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(torch.device(dev).index or 0)
-            cfg.run.device = dev
-            return "cuda"
-        if self.use_deepspeed:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return "cpu"
-
-    def _init_deepspeed(self, ds_raw):
-        import deepspeed
-
-        self.ds_config = resolve_ds_config(ds_raw, self.cfg, self.world, hidden_size=_hidden_size(self.model),
-                                           source=self.cfg.run.deepspeed)
-        lr_fn = self.scheduler.lr_lambdas[0]
-        module = self._logprob_module(self.model)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-        self.optimizer = _InDeepSpeedCheckpoint()
-        if self.ref is not None and self.stage == 3:
-            self.ref_engine = deepspeed.initialize(model=self._logprob_module(self.ref),
-                                                   config=reference_ds_config(self.ds_config))[0]
-            self.ref_engine.eval()
-
-    def _logprob_module(self, lm):
-        module = LogprobModule(lm, self.cfg.rollout.temperature)
-        head = lm.get_output_embeddings()
-        if self.stage == 3 and head is not None:
-            import deepspeed
-
-            # The fused log-prob kernel reads the head weight outside the head's own forward: ZeRO-3 then
-            # fetches it with this module (DeepSpeed would otherwise detect the access on the fly).
-            deepspeed.zero.register_external_parameter(module, head.weight)
-        return module
-
-    def _init_ddp(self):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        kw = {"device_ids": [self.device.index or 0]} if self.device.type == "cuda" else {}
-        self.ddp = DDP(LogprobModule(self.model, self.cfg.rollout.temperature), **kw)
-
-    @contextlib.contextmanager
-    def _generation_context(self):
-        if self.use_deepspeed and self.stage == 3:
-            with gathered_for_generation(self.engine):
-                yield
-        else:
-            yield
-
-    # --- data: this process's share ------------------------------------------------------------
-    def batch_indices(self, step: int) -> list:
-        """This process's contiguous share of the step's prompts (Trainer.batch_indices: all of them)."""
-        idx = super().batch_indices(step)
-        b = len(idx) // self.world
-        return idx[self.rank * b:(self.rank + 1) * b]
-
-    def _generate(self, prompts, sampling, num_samples, generator=None, **generate_kw):
-        if generator is not None and self.world > 1:
-            rows = len(prompts) * num_samples
-            table = draw_uniforms(sampling, rows * self.world, generator)  # the whole step's, as one process
-            if table is not None:
-                generate_kw["uniforms"] = table[:, self.rank * rows:(self.rank + 1) * rows]
-            generator = None
-        return super()._generate(prompts, sampling, num_samples, generator=generator, **generate_kw)
-
-    def rollout(self, step: int) -> dict:
-        with self._generation_context():
-            return super().rollout(step)
-
-    def score(self, ro: dict) -> dict:
-        """Rewards of all processes gathered; advantages computed on the whole batch, this process's kept."""
-        sc = super().score(ro)
-        if self.world == 1:
-            return sc
-        names = sorted(sc["per_fn"])
-        local = torch.stack([sc["rewards"].double(), torch.tensor(sc["accuracy"], dtype=torch.float64)]
-                            + [torch.tensor(sc["per_fn"][k], dtype=torch.float64) for k in names], dim=1)
-        full = all_gather_cat(local)
-        rewards = full[:, 0].float()
-        n = len(ro["completions"])
-        adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
-                               self.cfg.loss.adv_eps)
-        groups = all_gather_object((sc["group_idx"], sc["group_keeps"]))  # per-example hints see every group
-        sc.update(group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
-        sc.update(rewards=rewards, accuracy=full[:, 1].tolist(),
-                  per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
-                  advantages=adv[self.rank * n:(self.rank + 1) * n])
-        return sc
-
-    # --- update --------------------------------------------------------------------------------
-    def _normalizers(self, ro, rows) -> tuple:
-        n_tokens, n_seqs = super()._normalizers(ro, rows)
-        if self.world == 1:
-            return n_tokens, n_seqs
-        n_tokens, n_seqs = all_reduce_sum([n_tokens, n_seqs])
-        return int(n_tokens), int(n_seqs)
-
-    def _completion_logprobs(self, model, batch, with_entropy=True):
-        args = {k: batch[k] for k in _BATCH_KEYS}
-        if model is self.model and self.engine is not None:
-            return self.engine(**args, with_entropy=with_entropy)
-        if model is self.model and self.ddp is not None and torch.is_grad_enabled():
-            # Gradients are all-reduced on the last micro batch of each update only.
-            last = self._micro_count % self.gas == self.gas - 1
-            with contextlib.nullcontext() if last else self.ddp.no_sync():
-                return self.ddp(**args, with_entropy=with_entropy)
-        if model is self.ref and self.ref_engine is not None:
-            return self.ref_engine(**args, with_entropy=with_entropy)
-        return super()._completion_logprobs(model, batch, with_entropy)
-
-    def _backward(self, loss):
-        # DeepSpeed and DDP average gradients over processes; each loss is already a share of the
-        # global loss (global normalisers), so scale by W to get the gradient of the global loss.
-        if self.engine is not None:
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
-            self.engine.step()  # updates (clipping, skipping non-finite steps) at the accumulation boundary only
-        else:
-            (loss * self.world).backward()
-        self._micro_count += 1
-
-    def _clip_and_norm(self) -> float:
-        if self._micro_count % self.gas:
-            raise RuntimeError(f"internal: {self._micro_count % self.gas} micro batches since the last update, but "
-                               f"gradient_accumulation_steps = {self.gas}")
-        if self.engine is None:
-            return super()._clip_and_norm()
-        if not self.engine.was_step_applied():  # DeepSpeed found non-finite gradients on some process
-            return float("nan")
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0  # None: the user turned off compute_grad_norm
-
-    def _optimizer_step(self):
-        if self.engine is None:
-            super()._optimizer_step()
-
-    def train_step(self, step: int) -> dict:
-        row = super().train_step(step)
-        if self.world == 1:
-            return row
-        parts = all_gather_object((row, self._pending_signal))
-        # A signal reaches the processes at slightly different moments; all stop at the same step.
-        sig = next((s for _, s in parts if s), None)
-        if sig and not self._stop_signal:
-            self._stop_signal = sig
-        return reduce_rows([r for r, _ in parts])
-
-    def _on_signal(self, signum, frame):
-        import signal
-
-        if self._pending_signal:  # a second signal quits at once, as in Trainer
-            self._quit_now(signal.Signals(signum).name)
-        self._pending_signal = signal.Signals(signum).name
-        if self.world == 1:
-            self._stop_signal = self._pending_signal
-
-    # --- evaluation: sharded -------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        n = min(self.cfg.eval.num_examples, len(self.eval_enc))
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
-        full = self.eval_enc, self.eval_rows
-        self.eval_enc, self.eval_rows = full[0][lo:hi], full[1][lo:hi]
-        try:
-            with self._generation_context():
-                local = super().evaluate() if hi > lo else {}
-        finally:
-            self.eval_enc, self.eval_rows = full
-        if self.world == 1:
-            return local
-        parts = [(c, m) for c, m in all_gather_object((hi - lo, local)) if c and m]
-        total = sum(c for c, _ in parts)
-        if not total:
-            return {}
-        return {k: sum(c * m[k] for c, m in parts) / total for k in parts[0][1]}
-
-    # --- checkpoints ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _full_weights(self):
-        if self.use_deepspeed and self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                yield
-        else:
-            yield
-
-    def _write_checkpoint(self, tmp):
-        tmp = broadcast_object(tmp)  # rank 0's temporary folder, from ckpt.save_checkpoint
-        if self.engine is not None:
-            self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False)
-        with self._full_weights():
-            if self.rank == 0:
-                super()._write_checkpoint(tmp)
-        dist.barrier()  # every shard is written before rank 0 fsyncs and renames the folder
-
-    def save(self) -> str:
-        if self.rank == 0:  # rank 0's output_dir is the run's (run_dir): Trainer.save, with the write above
-            path = super().save()
-        else:
-            self._write_checkpoint(None)
-            path = None
-        return broadcast_object(path)  # returns once the checkpoint is in place
-
-    def _load_state(self, path: str) -> None:
-        has_ds = os.path.isdir(os.path.join(path, DS_DIR))
-        if self.use_deepspeed:
-            if self.engine is None:  # called from Trainer.__init__: the engine does not exist yet
-                self._pending_resume = path
-                return
-            if not has_ds:
-                raise ConfigError(f"run.resume: {path} was written without DeepSpeed (no {DS_DIR}/ folder); resume it "
-                                  f"without --run.deepspeed, or start a new run from its weights with --model {path}")
-            saved_world = len({m.group(1) for f in os.listdir(os.path.join(path, DS_DIR, DS_TAG))
-                               for m in [re.search(r"zero_pp_rank_(\d+)_", f)] if m})
-            if saved_world and saved_world != self.world:
-                raise ConfigError(f"run.resume: {path} holds the ZeRO optimizer state of {saved_world} processes, this "
-                                  f"run has {self.world}; resume with {saved_world} processes (DeepSpeed cannot "
-                                  "re-partition it; its universal-checkpoint tools can convert it), or start a new run "
-                                  f"from its weights with --model {path}")
-            loaded, _ = self.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-            if loaded is None:
-                raise ConfigError(f"run.resume: DeepSpeed could not load {os.path.join(path, DS_DIR)}")
-        elif has_ds:
-            raise ConfigError(deepspeed_checkpoint_message(path))
-        super()._load_state(path)
-
-    def train(self) -> dict:
-        try:
-            return super().train()
-        finally:
-            if self._scratch:
-                shutil.rmtree(self._scratch, ignore_errors=True)
+def place(cfg: RTPOConfig, use_deepspeed: bool) -> str:
+    """Put this process on its device (cuda:LOCAL_RANK with several processes): sets cfg.run.device and
+    returns the device type. Runs before DeepSpeed is imported: it picks its accelerator on import."""
+    dev, world = cfg.run.device, world_size()
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda"):
+        if world > 1:
+            if dev not in ("cuda", f"cuda:{local_rank()}"):
+                raise ConfigError(f"run.device = {cfg.run.device!r} with {world} processes: each process "
+                                  "uses cuda:LOCAL_RANK; leave --run.device auto")
+            dev = f"cuda:{local_rank()}"
+        torch.cuda.set_device(torch.device(dev).index or 0)
+        cfg.run.device = dev
+        return "cuda"
+    if use_deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "cpu"
 
 
-def deepspeed_checkpoint_message(path: str) -> str:
-    return (f"run.resume: {path} was written by a DeepSpeed run (its optimizer state is in ZeRO shards under "
-            f"{DS_DIR}/); resume with the same --run.deepspeed config and number of processes, or start a new run "
-            f"from its weights with --model {path}")
-
-
-def make_trainer(cfg: RTPOConfig, log=None) -> Trainer:
-    """The plain Trainer for one process without DeepSpeed; DistributedTrainer otherwise."""
-    if cfg.run.deepspeed or world_size() > 1:
-        return DistributedTrainer(cfg, log=log)
-    if cfg.run.resume:
-        try:
-            path = ckpt.resolve_resume(cfg.run.output_dir if cfg.run.resume == "auto" else cfg.run.resume, check=False)
-        except ckpt.CheckpointError:
-            path = None  # Trainer reports it (and verifies the checkpoint it picks)
-        if path and os.path.isdir(os.path.join(path, DS_DIR)):
-            raise ConfigError(deepspeed_checkpoint_message(path))
-    return Trainer(cfg, log=log)
+def check_boundary(micro_count: int, gas: int) -> None:
+    """An update ends after a whole number of gradient-accumulation steps."""
+    if micro_count % gas:
+        raise RuntimeError(f"internal: {micro_count % gas} micro batches since the last update, but "
+                           f"gradient_accumulation_steps = {gas}")

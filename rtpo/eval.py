@@ -37,7 +37,8 @@ import time
 import torch
 
 from rtpo import checkpoint as ckpt
-from rtpo.config import ConfigError, RTPOConfig, apply_dict, parse_args
+from rtpo.config import ConfigError, RTPOConfig, apply_dict
+from rtpo.cli import parse_args
 from rtpo.trainer import Trainer
 
 ADAPTER_FILE = "adapter_config.json"

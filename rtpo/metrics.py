@@ -8,7 +8,19 @@ import json
 import math
 import os
 
+import numpy as np
+
 from rtpo.checkpoint import crash_point, replace_file
+
+
+class NoLog:
+    """Where a process that does not write the run folder logs: nowhere."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def write_many(self, rows: list) -> None:
+        pass
 
 
 class MetricsLog:
@@ -190,3 +202,41 @@ def before_after_table(before: dict, after: dict, title: str) -> str:
         if key in before and key in after:
             lines.append(f"  {name:<26}{f.format(before[key]):>9}{f.format(after[key]):>9}")
     return "\n".join(lines)
+
+
+# How each metric of a step combines over processes, declared where the metric is defined
+# (`reduce_as` in rtpo/trainer.py): "same" (computed from gathered values: already global), "sum"
+# (each process holds a share), "max", "tokens" (a per-token mean, weighted by each process's
+# completion tokens) or "mean" (a per-row mean; every process holds as many rows). Undeclared:
+# time_* take the max, reward/* are global, anything else is a per-row mean.
+REDUCE: dict = {}
+
+
+def reduce_as(how: str, *names: str) -> None:
+    if how not in ("same", "sum", "max", "tokens", "mean"):
+        raise ValueError(f"unknown reduction {how!r}")
+    REDUCE.update(dict.fromkeys(names, how))
+
+
+def _reduction(key: str) -> str:
+    return REDUCE.get(key) or ("max" if key.startswith("time_") else "same" if key.startswith("reward/") else "mean")
+
+
+def reduce_rows(rows: list) -> dict:
+    """One metrics row from each process's row (same keys); unknown numeric keys are averaged, which
+    is exact for per-row means since every process holds the same number of rows."""
+    weights = [float(r.get("completion_tokens") or 0.0) for r in rows]
+    out = {}
+    for k, v0 in rows[0].items():
+        vals, how = [r.get(k) for r in rows], _reduction(k)
+        if how == "same" or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = v0
+        elif how == "sum":
+            out[k] = float(sum(vals))
+        elif how == "max":
+            out[k] = max(vals)
+        elif how == "tokens" and sum(weights) > 0:
+            out[k] = float(sum(w * v for w, v in zip(weights, vals)) / sum(weights))
+        else:
+            out[k] = float(np.mean(vals))
+    return out

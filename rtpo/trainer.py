@@ -21,13 +21,16 @@ import torch
 from rtpo import checkpoint as ckpt, runlock
 from rtpo.advantages import group_advantages, group_outcomes, zero_variance_fraction
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
-from rtpo.curriculum import Curriculum, PromptBuilder, PromptTooLong, dropout_rows
+from rtpo.curriculum import Curriculum, dropout_rows
+from rtpo.prompts import PromptBuilder, PromptTooLong
 from rtpo.data import load_splits, warmstart_rows
-from rtpo.generation import SamplingConfig, generate
-from rtpo.logprobs import collate, completion_logprobs
+from rtpo.generation import SamplingConfig, draw_uniforms, generate
+from rtpo.logprobs import collate
 from rtpo.losses import hint_nll, policy_loss
-from rtpo.metrics import MetricsLog, before_after_table, make_reporter, plot_metrics, report_to_problem
+from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
+from rtpo.backends import Backend, LocalBackend, make_backend
+from rtpo.stages import Rollout, Scores, expand
 from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
                           missing_arguments, score)
 
@@ -66,13 +69,83 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Trainer:
-    writes_run_dir = True  # writes the run folder and holds its lock (not the other ranks of a data-parallel run)
+reduce_as("sum", "loss")  # each process's loss is its share of the global loss
+reduce_as("same", "grad_norm")  # the norm of the global gradient
+reduce_as("max", "skipped_updates")
+reduce_as("tokens", "clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap")
 
-    def __init__(self, cfg: RTPOConfig, log=None):
+
+class UpdateStats:
+    """Sums of one step's updates -> its metrics (per-token means over the first pass's tokens)."""
+
+    def __init__(self, time_old_logprobs: float, time_reference: float):
+        self.t0, self.times = time.perf_counter(), {"time_old_logprobs": time_old_logprobs,
+                                                    "time_reference": time_reference}
+        self.sums = {k: 0.0 for k in ("tokens", "clipped_tokens", "kl_sum", "entropy_sum", "tis_weight_sum",
+                                      "tis_truncated_tokens", "logp_gap_sum", "hint_nll")}
+        self.sums.update(hint_batches=0, loss=0.0)
+        self.grad_norms, self.skipped = [], 0
+
+    def add_micro(self, st: dict) -> None:
+        for k in ("tokens", "clipped_tokens", "kl_sum", "entropy_sum", "tis_weight_sum", "tis_truncated_tokens",
+                  "logp_gap_sum", "hint_nll"):
+            if k in st:
+                self.sums[k] += st[k].item() if torch.is_tensor(st[k]) else st[k]
+        self.sums["hint_batches"] += "hint_nll" in st
+
+    def add_update(self, loss: float, grad_norm: float) -> None:
+        self.sums["loss"] += loss
+        self.grad_norms.append(grad_norm)
+        self.skipped += not (math.isfinite(loss) and math.isfinite(grad_norm))
+
+    def metrics(self, updates: int, kl: bool, tis: bool) -> dict:
+        s, tok = self.sums, max(self.sums["tokens"], 1)
+        out = {"time_reference": self.times["time_reference"], "loss": s["loss"] / updates,
+               "grad_norm": float(np.mean(self.grad_norms)), "clip_frac": s["clipped_tokens"] / tok,
+               "kl": s["kl_sum"] / tok if kl else None, "entropy": s["entropy_sum"] / tok,
+               "skipped_updates": self.skipped,
+               "hint_nll": s["hint_nll"] / s["hint_batches"] if s["hint_batches"] else None,
+               "time_update": time.perf_counter() - self.t0, "time_old_logprobs": self.times["time_old_logprobs"]}
+        if tis:  # per token: mean TIS weight, fraction truncated, mean |log pi_old - log pi_rollout|
+            out.update(tis_weight=s["tis_weight_sum"] / tok, tis_truncated=s["tis_truncated_tokens"] / tok,
+                       rollout_logp_gap=s["logp_gap_sum"] / tok)
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: RTPOConfig, log=None, backend: Backend | None = None):
         self.cfg = cfg
+        self.backend = backend or LocalBackend(cfg)  # the parallel strategy: rtpo/backends/
+        self.comm = self.backend.comm
         self.out = cfg.run.output_dir
         self.log = log or (lambda msg: print(msg, flush=True))
+        if not self.comm.is_main:  # the main process alone reports and writes the run folder
+            self.log = lambda msg: None
+            cfg.log.progress = cfg.log.plot = False
+            cfg.log.report_to = "none"
+        with self.backend.main_first():  # local rank 0 loads first (downloads, caches), the others then hit the caches
+            self._setup()
+        self.updates_per_step = cfg.loss.num_iterations * cfg.optim.mini_batches
+        o = cfg.optim
+        self.backend.prepare(self.model, self.ref, lr_lambda(o.lr_schedule, o.lr_warmup_steps,
+                                                             cfg.run.max_steps * self.updates_per_step))
+        self.curriculum = Curriculum(cfg.curriculum, cfg.run.max_steps)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.step = 0
+        self.consecutive_skips = 0
+        self.skipped_total = 0
+        self._stop_signal = None
+        self._signalled = None  # the first SIGINT/SIGTERM received
+        if self.resume_from:
+            self._load_state(self.resume_from)
+        if self.backend.describe():
+            self.log(f"[rtpo] {self.backend.describe()}: {self.comm.world} process(es), "
+                     f"{cfg.rollout.prompts_per_step // self.comm.world} prompts x {cfg.rollout.num_generations} "
+                     f"completions each per step, {self.backend.gas} micro batch(es) per update")
+
+    def _setup(self):
+        """Data, model, tokenizer and reference model, checked against each other."""
+        cfg = self.cfg
         self.resume_from = self._resolve_resume()
         try:
             self.reward_fns = build_reward_functions(cfg.rewards)
@@ -101,24 +174,8 @@ class Trainer:
         if cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
             start = self.model if self.resume_from is None else self._warmstarted(self._starting_model()[0])
             self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
-
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
         self.eos_ids = tuple(sorted({self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))))
-        self.updates_per_step = cfg.loss.num_iterations * cfg.optim.mini_batches
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                           eps=o.eps, weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.lr_schedule, o.lr_warmup_steps, cfg.run.max_steps * self.updates_per_step))
-        self.curriculum = Curriculum(cfg.curriculum, cfg.run.max_steps)
-        self.gen = torch.Generator().manual_seed(cfg.run.seed)
-        self.step = 0
-        self.consecutive_skips = 0
-        self.skipped_total = 0
-        self._stop_signal = None
-        self._signalled = None  # the first SIGINT/SIGTERM received
-        if self.resume_from:
-            self._load_state(self.resume_from)
 
     # --- setup ---------------------------------------------------------------------------------
     def _resolve_resume(self):
@@ -249,6 +306,7 @@ class Trainer:
 
     # --- data order: a pure function of (seed, step), so a resumed run sees the same prompts -----
     def batch_indices(self, step: int) -> list:
+        """This process's contiguous share of the step's prompts (all of them in a one-process run)."""
         n, B = len(self.train_rows), self.cfg.rollout.prompts_per_step
         out = []
         for p in range(step * B, step * B + B):
@@ -256,7 +314,7 @@ class Trainer:
             perm = (np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n)
                     if self.cfg.data.shuffle else np.arange(n))
             out.append(int(perm[i]))
-        return out
+        return self.comm.share(out)
 
     # --- one step ------------------------------------------------------------------------------
     def _autocast(self):
@@ -265,6 +323,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _generate(self, prompts, sampling, num_samples, generator=None, **generate_kw):
+        if generator is not None and self.comm.world > 1:
+            # every process draws the step's whole uniform table, as one process would, and samples its columns:
+            # its completions are the ones one process would sample for these rows, the generator stays in step
+            rows, r = len(prompts) * num_samples, self.comm.rank
+            table = draw_uniforms(sampling, rows * self.comm.world, generator)
+            if table is not None:
+                generate_kw["uniforms"] = table[:, r * rows:(r + 1) * rows]
+            generator = None
         was_training = self.model.training
         self.model.eval()
         try:
@@ -281,7 +347,7 @@ class Trainer:
             ids = ids[:-1]
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def rollout(self, step: int) -> dict:
+    def rollout(self, step: int) -> Rollout:
         """G completions for each of the step's prompts. Each example's prompt holds its kept hint
         (the schedule's keep, or its own with curriculum.per_example); with hint_dropout the first
         dropout_rows(G) rows of every group get the hint-free prompt instead. Row r belongs to group r // G."""
@@ -298,27 +364,26 @@ class Trainer:
                                   stop_strings=tuple(c.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
         # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
         tis = c.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
-        outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis)
-                if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
-        rows = {k: [] for k in ("prompts", "completions", "finish_reasons", "injected", "prefixes", "row_keep",
-                                "rollout_logprobs")}
+        with self.backend.generation():
+            outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis)
+                    if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
+        ro = Rollout(keep=keep, idx=idx, keeps=keeps, hinted_rows=G - n0,
+                     hint_targets=[self.builder.hint_target(e, k) for e, k in zip(encs, keeps)])
         for g, (e, k) in enumerate(zip(encs, keeps)):
             for j in range(G):
                 hint = j >= n0
                 out, r = (outs[1], g * (G - n0) + j - n0) if hint else (outs[0], g * n0 + j)
                 prompt, injected = hinted[g] if hint else plain[g]
-                rows["prompts"].append(prompt)
-                rows["completions"].append(out.completions[r])
-                rows["rollout_logprobs"].append(out.logprobs[r] if out.logprobs is not None else None)
-                rows["finish_reasons"].append(out.finish_reasons[r])
-                rows["injected"].append(injected)
-                rows["row_keep"].append(k if hint else 0.0)
-                rows["prefixes"].append(self.builder.prefix_text(e, k) if hint else "")
-        return {"keep": keep, "idx": idx, "keeps": keeps, "hint_targets": [self.builder.hint_target(e, k)
-                                                                           for e, k in zip(encs, keeps)],
-                "hinted_rows": G - n0, **rows,
-                "answers": [self.train_rows[idx[r // G]].answer for r in range(len(rows["prompts"]))],
-                "questions": [self.train_rows[idx[r // G]].question for r in range(len(rows["prompts"]))]}
+                ro.prompts.append(prompt)
+                ro.completions.append(out.completions[r])
+                ro.rollout_logprobs.append(out.logprobs[r] if out.logprobs is not None else None)
+                ro.finish_reasons.append(out.finish_reasons[r])
+                ro.injected.append(injected)
+                ro.row_keep.append(k if hint else 0.0)
+                ro.prefixes.append(self.builder.prefix_text(e, k) if hint else "")
+        examples = expand([self.train_rows[i] for i in idx], G)
+        ro.answers, ro.questions = [ex.answer for ex in examples], [ex.question for ex in examples]
+        return ro
 
     def reward_kwargs(self, rows, prompts, completion_ids, texts, prefixes, finish_reasons, keeps,
                       max_new_tokens) -> dict:
@@ -338,121 +403,104 @@ class Trainer:
                   step=self.step)
         return kw
 
-    def score(self, ro: dict) -> dict:
-        texts = [self._decode(c) for c in ro["completions"]]
+    def score(self, ro: Rollout) -> Scores:
+        """Rewards of this process's rows, gathered over processes, then group advantages on the whole
+        batch (so scale_rewards = batch uses every process's rewards); this process keeps its own rows'."""
         G = self.cfg.rollout.num_generations
-        ctx = self.reward_kwargs([self.train_rows[ro["idx"][r // G]] for r in range(len(texts))], ro["prompts"],
-                                 ro["completions"], texts, ro["prefixes"], ro["finish_reasons"], ro["row_keep"],
-                                 self.cfg.rollout.max_new_tokens)
+        texts = [self._decode(c) for c in ro.completions]
+        ctx = self.reward_kwargs(expand([self.train_rows[i] for i in ro.idx], G), ro.prompts, ro.completions, texts,
+                                 ro.prefixes, ro.finish_reasons, ro.row_keep, self.cfg.rollout.max_new_tokens)
         try:
-            total, per_fn = score(self.reward_fns, texts, ro["answers"], **ctx)
+            total, per_fn = score(self.reward_fns, texts, ro.answers, **ctx)
         except RewardError as e:
             raise TrainingError(f"step {self.step}: {e}. Fix it, then continue from the last checkpoint with "
                                 "--resume auto") from None
-        rewards = torch.tensor(total, dtype=torch.float32)
-        acc = per_fn.get("accuracy") or accuracy_reward(texts, ro["answers"], **ctx)
-        adv = group_advantages(rewards, self.cfg.rollout.num_generations, self.cfg.loss.scale_rewards,
-                               self.cfg.loss.adv_eps)
-        sc = {"rewards": rewards, "per_fn": per_fn, "accuracy": acc, "advantages": adv, "texts": texts,
-              "group_idx": list(ro["idx"]), "group_keeps": list(ro["keeps"])}
+        acc = per_fn.get("accuracy") or accuracy_reward(texts, ro.answers, **ctx)
+        sc = self._gathered(Scores(rewards=torch.tensor(total, dtype=torch.float32), per_fn=per_fn, accuracy=acc,
+                                   texts=texts, group_idx=list(ro.idx), group_keeps=list(ro.keeps)))
+        adv = group_advantages(sc.rewards, G, self.cfg.loss.scale_rewards, self.cfg.loss.adv_eps)
+        lo = self.comm.rank * len(ro)
+        sc.advantages = adv[lo:lo + len(ro)]
         self._last_scored = (ro, sc, ctx["prompts"])  # samples.jsonl reads the step's rollout from here
         return sc
+
+    def _gathered(self, sc: Scores) -> Scores:
+        """`sc` with every process's rows (in rank order) and groups; texts stay this process's."""
+        if self.comm.world == 1:
+            return sc
+        names = sorted(sc.per_fn)
+        local = torch.stack([sc.rewards.double(), torch.tensor(sc.accuracy, dtype=torch.float64)]
+                            + [torch.tensor(sc.per_fn[k], dtype=torch.float64) for k in names], dim=1)
+        full = self.comm.gather_rows(local)
+        groups = self.comm.gather_objects((sc.group_idx, sc.group_keeps))  # per-example hints see every group
+        return Scores(rewards=full[:, 0].float(), accuracy=full[:, 1].tolist(), texts=sc.texts,
+                      per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
+                      group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
 
     def _micro_batches(self, rows: list) -> list:
         m = self.cfg.optim.micro_batch_size
         return [rows[i:i + m] for i in range(0, len(rows), m)]
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model, ro, micro):
+    def _logprobs_no_grad(self, ro, micro, ref=False):
         out = []
         for mb in micro:
-            batch = collate([ro["prompts"][i] for i in mb], [ro["completions"][i] for i in mb],
-                            self.tok.pad_token_id, self.device)
+            batch = collate([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb], self.tok.pad_token_id,
+                            self.device)
             with self._autocast():
-                lp, _ = self._completion_logprobs(model, batch, with_entropy=False)
+                lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
             out.append(lp.float())
         return out
 
-    def update(self, ro: dict, sc: dict) -> dict:
+    def update(self, ro: Rollout, sc: Scores) -> dict:
+        """loss.num_iterations passes over the step's rows, each in optim.mini_batches optimizer updates
+        accumulated over micro batches of optim.micro_batch_size rows."""
         c = self.cfg
-        N = len(ro["completions"])
-        splits = np.array_split(np.arange(N), c.optim.mini_batches)
-        minis = [[int(i) for i in s] for s in splits if len(s)]
+        minis = [[int(i) for i in s] for s in np.array_split(np.arange(len(ro)), c.optim.mini_batches) if len(s)]
         micro_of = [self._micro_batches(mb) for mb in minis]
-        stats = {"time_reference": 0.0}
         t0 = time.perf_counter()
-        need_old = self.updates_per_step > 1
-        old = [self._logprobs_no_grad(self.model, ro, mic) for mic in micro_of] if need_old else None
-        ref = None
-        if self.ref is not None:
-            t1 = time.perf_counter()
-            ref = [self._logprobs_no_grad(self.ref, ro, mic) for mic in micro_of]
-            stats["time_reference"] = time.perf_counter() - t1
-        t_update = time.perf_counter()
-        sums = {"loss": 0.0, "tokens": 0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": [], "skipped": 0,
-                "hint_nll": 0.0, "hint_batches": 0}
+        old = [self._logprobs_no_grad(ro, mic) for mic in micro_of] if self.updates_per_step > 1 else None
+        t1 = time.perf_counter()
+        ref = [self._logprobs_no_grad(ro, mic, ref=True) for mic in micro_of] if self.ref is not None else None
+        stats = UpdateStats(time_old_logprobs=t1 - t0, time_reference=time.perf_counter() - t1)
         self.model.train()
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
                 n_tokens, n_seqs = self._normalizers(ro, mb)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.backend.zero_grad()
                 loss_total = 0.0
                 for j, rows in enumerate(micro):
                     # the hint loss rides on the last micro batch: one forward/backward per micro batch,
                     # as every backend (DeepSpeed's gradient accumulation included) expects
                     hint = self._hint_rows(ro, mb) if c.loss.hint_loss and j == len(micro) - 1 else ([], [])
-                    loss, st = self._micro_loss(ro, sc, rows, hint, n_tokens, n_seqs,
-                                                old[m][j] if old is not None else None,
-                                                ref[m][j] if ref is not None else None)
-                    self._backward(loss)
+                    loss, st = self._micro_loss(ro, sc, rows, hint, n_tokens, n_seqs, old[m][j] if old else None,
+                                                ref[m][j] if ref else None)
+                    self.backend.backward(loss)
                     loss_total += loss.item()
                     if it == 0:
-                        sums["tokens"] += st["tokens"]
-                        sums["clipped"] += st["clipped_tokens"].item()
-                        sums["kl"] += st.get("kl_sum", torch.tensor(0.0)).item()
-                        sums["entropy"] += st["entropy_sum"].item() if "entropy_sum" in st else 0.0
-                        sums["hint_nll"] += st.get("hint_nll", 0.0)
-                        sums["hint_batches"] += "hint_nll" in st
-                        for k in ("tis_weight_sum", "tis_truncated_tokens", "logp_gap_sum"):
-                            sums[k] = sums.get(k, 0.0) + (st[k].item() if k in st else 0.0)
-                grad_norm = self._clip_and_norm()
+                        stats.add_micro(st)
+                grad_norm = self.backend.step(loss_finite=math.isfinite(loss_total))
                 if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    sums["skipped"] += 1
                     self.log(f"[rtpo] step {self.step}: non-finite loss ({loss_total}) or grad norm ({grad_norm}); "
                              "update skipped")
-                else:
-                    self._optimizer_step()
-                sums["loss"] += loss_total
-                sums["grad_norm"].append(grad_norm)
-        tok = max(sums["tokens"], 1)
-        stats.update({
-            "loss": sums["loss"] / self.updates_per_step, "grad_norm": float(np.mean(sums["grad_norm"])),
-            "clip_frac": sums["clipped"] / tok, "kl": sums["kl"] / tok if c.loss.beta > 0 else None,
-            "entropy": sums["entropy"] / tok, "skipped_updates": sums["skipped"],
-            "hint_nll": sums["hint_nll"] / sums["hint_batches"] if sums["hint_batches"] else None,
-            "time_update": time.perf_counter() - t_update, "time_old_logprobs": t_update - t0 - stats["time_reference"],
-        })
-        if c.loss.tis_cap > 0:  # per token: mean TIS weight, fraction truncated, mean |log pi_old - log pi_rollout|
-            stats.update(tis_weight=sums["tis_weight_sum"] / tok, tis_truncated=sums["tis_truncated_tokens"] / tok,
-                         rollout_logp_gap=sums["logp_gap_sum"] / tok)
-        return stats
+                stats.add_update(loss_total, grad_norm)
+        return stats.metrics(self.updates_per_step, kl=c.loss.beta > 0, tis=c.loss.tis_cap > 0)
 
     def _micro_loss(self, ro, sc, rows, hint, n_tokens, n_seqs, old_lp, ref_lp):
         """Loss of one micro batch: the policy-gradient loss of `rows`, plus loss.hint_loss times the
         mean negative log-likelihood of the hint targets `hint` = (contexts, targets), computed in
         the same forward as extra rows (they never enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
-        comps = [ro["completions"][i] for i in rows]
-        batch = collate([ro["prompts"][i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
+        comps = [ro.completions[i] for i in rows]
+        batch = collate([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
                         self.device)
         with self._autocast():
-            logp_all, ent_all = self._completion_logprobs(self.model, batch)
+            logp_all, ent_all = self.backend.logprobs(batch)
         T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
         logp, mask = logp_all[:n, :T], batch["completion_mask"][:n, :T]
         loss, st = policy_loss(
             logp.float(), old_lp[:, :T] if old_lp is not None else logp.detach(),
-            sc["advantages"][rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
+            sc.advantages[rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
             eps_high=c.loss.epsilon_high, beta=c.loss.beta, ref_logp=ref_lp[:, :T] if ref_lp is not None else None,
             entropy=ent_all[:n, :T].float() if ent_all is not None else None, entropy_coef=c.loss.entropy_coef,
             n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
@@ -470,35 +518,26 @@ class Trainer:
             return None
         out = torch.zeros((len(rows), T), dtype=torch.float32)
         for a, i in enumerate(rows):
-            lps = ro["rollout_logprobs"][i]
+            lps = ro.rollout_logprobs[i]
             out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
         return out.to(self.device)
 
     def _hint_rows(self, ro, rows) -> tuple[list, list]:
         """(contexts, targets) of the hint loss for the groups that start in `rows` and carry a hint."""
         G = self.cfg.rollout.num_generations
-        pairs = [ro["hint_targets"][i // G] for i in rows if i % G == 0]
+        pairs = [ro.hint_targets[i // G] for i in rows if i % G == 0]
         pairs = [(ctx, tgt) for ctx, tgt in pairs if tgt]
         return [p for p, _ in pairs], [t for _, t in pairs]
 
-    def _completion_logprobs(self, model, batch, with_entropy=True):
-        return completion_logprobs(model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
-
     def _normalizers(self, ro, rows) -> tuple:
         """(completion tokens, sequences) of the update that `rows` belong to: the loss normalisers.
-        A data-parallel subclass returns the counts over all processes."""
-        return sum(len(ro["completions"][i]) for i in rows), len(rows)
+        Counted over all processes: each process's loss is its share of the global loss."""
+        n_tokens, n_seqs = self.comm.sum([sum(len(ro.completions[i]) for i in rows), len(rows)])
+        return int(n_tokens), int(n_seqs)
 
-    def _backward(self, loss):
-        loss.backward()
-
-    def _clip_and_norm(self) -> float:
-        mgn = self.cfg.optim.max_grad_norm
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), mgn if mgn > 0 else float("inf")))
-
-    def _optimizer_step(self):
-        self.optimizer.step()
-        self.scheduler.step()
+    # computed from the gathered rewards (or the same on every process): already global
+    reduce_as("same", "step", "keep", "lr", "reward", "reward_std", "accuracy", "zero_var_groups", "all_wrong_groups",
+              "all_right_groups", "mean_example_keep")
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -508,31 +547,38 @@ class Trainer:
         t2 = time.perf_counter()
         up = self.update(ro, sc)
         G = self.cfg.rollout.num_generations
-        acc = float(np.mean(sc["accuracy"]))
+        acc = float(np.mean(sc.accuracy))
         self.curriculum.observe(step, acc)
-        per_group = torch.tensor(sc["accuracy"], dtype=torch.float32).view(-1, G)
+        per_group = torch.tensor(sc.accuracy, dtype=torch.float32).view(-1, G)
         # an example's own keep follows the rows that carried its hint (all rows if dropout took them all)
-        hinted = per_group[:, G - ro["hinted_rows"]:] if ro["hinted_rows"] else per_group
-        self.curriculum.observe_examples(sc["group_idx"], sc["group_keeps"], hinted.mean(1).tolist())
+        hinted = per_group[:, G - ro.hinted_rows:] if ro.hinted_rows else per_group
+        self.curriculum.observe_examples(sc.group_idx, sc.group_keeps, hinted.mean(1).tolist())
         all_wrong, all_right = group_outcomes(per_group)
-        comp_lens = [len(x) for x in ro["completions"]]
+        comp_lens = [len(x) for x in ro.completions]
         row = {
-            "step": step, "keep": ro["keep"], "injected_tokens": float(np.mean(ro["injected"])),
-            "mean_example_keep": float(np.mean(sc["group_keeps"])),
+            "step": step, "keep": ro.keep, "injected_tokens": float(np.mean(ro.injected)),
+            "mean_example_keep": float(np.mean(sc.group_keeps)),
             "completion_tokens": float(np.mean(comp_lens)),
-            "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in ro["completions"]])),
-            "reward": float(sc["rewards"].mean()), "reward_std": float(sc["rewards"].std()),
-            "accuracy": acc, "zero_var_groups": zero_variance_fraction(sc["rewards"], G),
+            "reasoning_tokens": float(np.mean([reasoning_length(x, self.close_ids) for x in ro.completions])),
+            "reward": float(sc.rewards.mean()), "reward_std": float(sc.rewards.std()),
+            "accuracy": acc, "zero_var_groups": zero_variance_fraction(sc.rewards, G),
             "all_wrong_groups": all_wrong, "all_right_groups": all_right,
-            "truncated_completions": float(np.mean([r == "length" for r in ro["finish_reasons"]])),
+            "truncated_completions": float(np.mean([r == "length" for r in ro.finish_reasons])),
         }
-        for name, vals in sc["per_fn"].items():
+        for name, vals in sc.per_fn.items():
             row[f"reward/{name}"] = float(np.mean(vals))
             row[f"reward_std/{name}"] = float(np.std(vals))
         row.update({k: v for k, v in up.items()})
-        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["lr"] = self.backend.lr()
         row.update({"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_step": time.perf_counter() - t0})
-        return row
+        if self.comm.world == 1:
+            return row
+        parts = self.comm.gather_objects((row, self._signalled))
+        # A signal reaches the processes at slightly different moments; all stop at the same step.
+        sig = next((s for _, s in parts if s), None)
+        if sig and not self._stop_signal:
+            self._stop_signal = sig
+        return reduce_rows([r for r, _ in parts])
 
     # --- evaluation ----------------------------------------------------------------------------
     def greedy_completions(self, prompts: list, progress=None) -> tuple:
@@ -587,11 +633,14 @@ class Trainer:
         """Greedy, NO hint (the prompts a user would send), on the held-out rows."""
         e = self.cfg.eval
         encs, rows = self.eval_enc[: e.num_examples], self.eval_rows[: e.num_examples]
-        if not encs:
-            return {}
-        metrics, records = self.evaluate_at(0.0, encs, rows)
-        self._eval_samples = records[: self.cfg.log.sample_eval_rows]  # samples.jsonl
-        return {f"eval/{k}": v for k, v in metrics.items() if k != "injected_tokens"}
+        lo, hi = self.comm.bounds(len(encs))  # sharded over processes, means combined by example counts
+        metrics = {}
+        if hi > lo:
+            with self.backend.generation():
+                metrics, records = self.evaluate_at(0.0, encs[lo:hi], rows[lo:hi])
+            self._eval_samples = records[: self.cfg.log.sample_eval_rows]  # samples.jsonl
+        metrics = {f"eval/{k}": v for k, v in metrics.items() if k != "injected_tokens"}
+        return self.comm.weighted_mean(hi - lo, metrics)
 
     def sample_records(self, step: int, train: bool = True) -> list:
         """samples.jsonl rows: every completion of the last scored rollout's first log.sample_groups
@@ -601,13 +650,13 @@ class Trainer:
         last = getattr(self, "_last_scored", None)
         if train and last is not None:
             ro, sc, prompts = last
-            for r in range(min(self.cfg.log.sample_groups * G, len(ro["completions"]))):
-                out.append({"step": step, "split": "train", "group": r // G, "example": self.train_rows[ro["idx"][r // G]].index,
-                            "prompt": prompts[r], "keep": float(ro["row_keep"][r]), "injected_tokens": ro["injected"][r],
-                            "completion": sc["texts"][r], "answer": ro["answers"][r], "reward": float(sc["rewards"][r]),
-                            "rewards": {k: v[r] for k, v in sc["per_fn"].items()},
-                            "advantage": float(sc["advantages"][r]), "finish_reason": ro["finish_reasons"][r],
-                            "completion_tokens": len(ro["completions"][r])})
+            for r in range(min(self.cfg.log.sample_groups * G, len(ro.completions))):
+                out.append({"step": step, "split": "train", "group": r // G, "example": self.train_rows[ro.idx[r // G]].index,
+                            "prompt": prompts[r], "keep": float(ro.row_keep[r]), "injected_tokens": ro.injected[r],
+                            "completion": sc.texts[r], "answer": ro.answers[r], "reward": float(sc.rewards[r]),
+                            "rewards": {k: v[r] for k, v in sc.per_fn.items()},
+                            "advantage": float(sc.advantages[r]), "finish_reason": ro.finish_reasons[r],
+                            "completion_tokens": len(ro.completions[r])})
         out += [{"step": step, "split": "eval", **rec} for rec in getattr(self, "_eval_samples", [])]
         self._eval_samples = []
         return out
@@ -615,7 +664,7 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, **self.backend.state_dict(),  # optimizer, scheduler
             "curriculum": self.curriculum.state_dict(), "generator": self.gen.get_state(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -623,12 +672,22 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def _write_checkpoint(self, tmp: str) -> None:
-        self.model.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        ckpt.save_state(tmp, self.state_dict())
+    def _write_checkpoint(self, tmp) -> None:
+        """Every process: its backend's shards; the main process: HF weights, tokenizer, trainer_state.pt."""
+        tmp = self.comm.broadcast(tmp)  # the main process's temporary folder, from ckpt.save_checkpoint
+        self.backend.save_shards(tmp)
+        with self.backend.full_weights():
+            if self.comm.is_main:
+                self.model.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
+                ckpt.save_state(tmp, self.state_dict())
+        self.comm.barrier()  # every shard is written before the main process fsyncs and renames the folder
 
     def save(self) -> str:
+        """The checkpoint of this step (its path, on every process once it is in place)."""
+        if not self.comm.is_main:
+            self._write_checkpoint(None)
+            return self.comm.broadcast(None)
         try:
             path = ckpt.save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.checkpoint.keep_last)
         except OSError as e:  # e.g. a full disk: the failed save removed its folder, older checkpoints are untouched
@@ -637,13 +696,13 @@ class Trainer:
             raise TrainingError(f"saving the checkpoint of step {self.step} failed: {e}; {kept}. Free space (or fix "
                                 "the folder), then continue with --resume auto") from None
         self.log(f"[rtpo] checkpoint saved: {path}")
-        return path
+        return self.comm.broadcast(path)
 
     def _load_state(self, path: str) -> None:
+        self.backend.load_shards(path)  # before the schedule state below, which wins
         st = ckpt.load_state(path)
         self.step = st["step"]
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        self.backend.load_state_dict(st)
         self.curriculum.load_state_dict(st["curriculum"])
         self.gen.set_state(st["generator"])
         random.setstate(st["rng"]["python"])
@@ -659,7 +718,9 @@ class Trainer:
         name = signal.Signals(signum).name
         if self._signalled:  # a second signal: the user does not want to wait for the step to end
             self._quit_now(name)
-        self._signalled = self._stop_signal = name
+        self._signalled = name
+        if self.comm.world == 1:  # otherwise train_step stops every process at the same step
+            self._stop_signal = name
         # os.write, not print: a handler that prints while the interrupted code prints raises
         os.write(2, f"[rtpo] {name}: stopping after this step with a checkpoint; send {name} again to quit at "
                     "once without saving\n".encode())
@@ -670,10 +731,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to run.max_steps (or a stop), holding the run folder's lock throughout (rtpo/runlock.py)."""
-        os.makedirs(self.out, exist_ok=True)
-        lock = runlock.acquire(self.out, log=self.log) if self.writes_run_dir else None
+        main = self.comm.is_main  # the main process alone writes the run folder and holds its lock
+        if main:
+            os.makedirs(self.out, exist_ok=True)
+        lock = runlock.acquire(self.out, log=self.log) if main else None
         try:
-            if self.resume_from is None:  # a fresh run over an old one (--run.overwrite): drop its checkpoints
+            if main and self.resume_from is None:  # a fresh run over an old one (--run.overwrite): drop its checkpoints
                 ckpt.remove_checkpoints(self.out)
             return self._train()
         finally:
@@ -683,12 +746,14 @@ class Trainer:
     def _train(self) -> dict:
         from tqdm.auto import tqdm
 
-        c = self.cfg
-        save_config(c, os.path.join(self.out, "config.json"))
-        metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=self.step if self.resume_from else None)
-        samples = MetricsLog(os.path.join(self.out, "samples.jsonl"), resume_step=self.step if self.resume_from else None)
+        c, main = self.cfg, self.comm.is_main
+        resume_step = self.step if self.resume_from else None
+        if main:
+            save_config(c, os.path.join(self.out, "config.json"))
+        metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step) if main else NoLog()
+        samples = MetricsLog(os.path.join(self.out, "samples.jsonl"), resume_step) if main else NoLog()
         reporter = make_reporter(c.log.report_to, self.out, project=c.log.project, config=c.to_dict(),
-                                 resume_step=self.step if self.resume_from else None)
+                                 resume_step=resume_step)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start, start = time.perf_counter(), self.step
         first_eval = last_eval = None
@@ -706,9 +771,7 @@ class Trainer:
                 if self.step == 0 or (c.eval.every and self.step % c.eval.every == 0):
                     samples.write_many(self.sample_records(self.step))
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", keep=f"{row['keep']:.2f}",
-                                wrong=f"{row['all_wrong_groups']:.2f}", right=f"{row['all_right_groups']:.2f}",
-                                len=f"{row['completion_tokens']:.0f}", refresh=False)
+                bar.set_postfix(**_postfix(row), refresh=False)
                 self.step += 1
                 self._track_skips(row)
                 if c.run.stop_after_steps and self.step - start == c.run.stop_after_steps and self.step < c.run.max_steps:
@@ -734,7 +797,12 @@ class Trainer:
             reporter.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        summary = {"steps": self.step, "checkpoint": path, "wall_seconds": time.perf_counter() - t_start,
+        return self._summary(path, start, time.perf_counter() - t_start, first_eval, last_eval)
+
+    def _summary(self, path: str, start: int, seconds: float, first_eval, last_eval) -> dict:
+        """summary.json (written by the main process), the plot, and the before/after table."""
+        c = self.cfg
+        summary = {"steps": self.step, "checkpoint": path, "wall_seconds": seconds,
                    "eval_before": {k: v for k, v in (first_eval or {}).items() if k.startswith("eval/")},
                    "eval_after": {k: v for k, v in (last_eval or {}).items() if k.startswith("eval/")},
                    "skipped_updates": self.skipped_total,
@@ -744,7 +812,8 @@ class Trainer:
             png = plot_metrics(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
             self.log(f"[rtpo] plot: {png}" if png else "[rtpo] matplotlib not installed: no plot "
                      "(pip install 'rtpo[plot]')")
-        ckpt.write_json(os.path.join(self.out, "summary.json"), summary)  # atomic: a kill leaves the old file or the new
+        if self.comm.is_main:
+            ckpt.write_json(os.path.join(self.out, "summary.json"), summary)  # atomic: a kill leaves the old file or the new
         if summary["eval_before"] and summary["eval_after"]:
             self.log(before_after_table(summary["eval_before"], summary["eval_after"],
                                         f"[rtpo] held-out, no hint ({min(c.eval.num_examples, len(self.eval_enc))} "
@@ -760,6 +829,25 @@ class Trainer:
             raise TrainingError(f"{self.consecutive_skips} consecutive steps had non-finite loss or gradients "
                                 f"(step {row['step']}); last good state saved at {path}. Check rewards for NaN, "
                                 "lower --optim.lr, or raise --run.max_consecutive_skips")
+
+
+def _postfix(row: dict) -> dict:
+    """The progress bar's summary of a step."""
+    return dict(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", keep=f"{row['keep']:.2f}",
+                wrong=f"{row['all_wrong_groups']:.2f}", right=f"{row['all_right_groups']:.2f}",
+                len=f"{row['completion_tokens']:.0f}")
+
+
+def make_trainer(cfg: RTPOConfig, log=None) -> Trainer:
+    """A Trainer with the backend that run.deepspeed and the launcher ask for (rtpo.backends.make_backend)."""
+    if cfg.run.resume and not cfg.run.deepspeed:
+        try:
+            path = ckpt.resolve_resume(cfg.run.output_dir if cfg.run.resume == "auto" else cfg.run.resume, check=False)
+        except ckpt.CheckpointError:
+            path = None  # Trainer reports it (and verifies the checkpoint it picks)
+        if path and os.path.isdir(os.path.join(path, ckpt.DS_DIR)):
+            raise ConfigError(ckpt.deepspeed_checkpoint_message(path))
+    return Trainer(cfg, log=log, backend=make_backend(cfg))
 
 
 def _as_list(x):

@@ -15,7 +15,7 @@ import random
 import torch
 
 from rtpo.checkpoint import write_atomically
-from rtpo.curriculum import PromptBuilder, response_ids
+from rtpo.prompts import PromptBuilder, response_ids
 
 
 def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:

@@ -42,7 +42,7 @@ for _name in COLLECTIVES:
 
 def decode_collectives(trainer, step, gathered: bool) -> int:
     """Collectives issued inside Trainer._generate during one rollout."""
-    from rtpo.trainer import Trainer
+    import contextlib
 
     inner = trainer._generate
 
@@ -54,16 +54,20 @@ def decode_collectives(trainer, step, gathered: bool) -> int:
             counting["on"] = False
 
     trainer._generate = counted
+    if not gathered:  # the backend's generation phase (ZeRO-3: parameters gathered once) left out
+        trainer.backend.generation = contextlib.nullcontext
     try:
-        (trainer.rollout if gathered else lambda s: Trainer.rollout(trainer, s))(step)
+        trainer.rollout(step)
     finally:
         del trainer._generate
+        trainer.backend.__dict__.pop("generation", None)
     return counting["n"]
 
 
 def main():
-    from rtpo.config import parse_args
-    from rtpo.distributed import make_trainer, shutdown
+    from rtpo.cli import parse_args
+    from rtpo.comm import shutdown
+    from rtpo.trainer import make_trainer
 
     spec = json.load(open(sys.argv[1]))
     summaries = []
@@ -71,7 +75,7 @@ def main():
         for run in spec["runs"]:
             trainer = make_trainer(parse_args(run["argv"]), log=lambda msg: None)
             at = run.get("sigterm_rank1_at_step")
-            if at is not None and trainer.rank == 1:
+            if at is not None and trainer.comm.rank == 1:
                 step_fn = trainer.train_step
 
                 def train_step(step, step_fn=step_fn, at=at):
@@ -84,7 +88,7 @@ def main():
             if run.get("probe_decode"):
                 counts = {"gathered": decode_collectives(trainer, 0, True),
                           "not_gathered": decode_collectives(trainer, 0, False)}
-                if trainer.rank == 0:
+                if trainer.comm.rank == 0:
                     with open(run["probe_decode"], "w") as f:
                         json.dump(counts, f)
         if dist.get_rank() == 0:

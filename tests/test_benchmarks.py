@@ -79,7 +79,8 @@ def test_t_interval_matches_a_hand_computed_example():
 def test_rtpo_vs_grpo_takes_rl_hyperparameters_from_project_defaults():
     """Only the schedule, the budget and the explicit overrides are set by the benchmark: optim.lr
     and the rest come from RTPOConfig's defaults unless --lr / --set say otherwise."""
-    from rtpo.config import RTPOConfig, parse_args
+    from rtpo.config import RTPOConfig
+    from rtpo.cli import parse_args
 
     bench = load_script("rtpo_vs_grpo")
     args = bench.parse(["--quick"])

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from rtpo.config import ConfigError, RTPOConfig, apply_dict, parse_args
+from rtpo.config import ConfigError, RTPOConfig, apply_dict
+from rtpo.cli import parse_args
 
 
 def test_cli_overrides_bare_dotted_and_aliases():

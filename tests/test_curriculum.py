@@ -5,8 +5,8 @@ import math
 import pytest
 
 from rtpo.config import CurriculumConfig
-from rtpo.curriculum import (Curriculum, PromptBuilder, adaptive_update, anneal_length, cut_length, keep_ratio,
-                             line_boundaries)
+from rtpo.curriculum import Curriculum, adaptive_update, anneal_length, keep_ratio
+from rtpo.prompts import PromptBuilder, cut_length, line_boundaries
 from rtpo.data import Example
 from rtpo.embedded import build_tokenizer
 

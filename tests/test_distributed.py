@@ -11,9 +11,13 @@ import pytest
 
 from conftest import tiny_args
 
-from rtpo.config import ConfigError, parse_args
-from rtpo.distributed import (DistributedTrainer, ensure_launch_env, make_trainer, micro_batches_per_update,
-                              reduce_rows, reference_ds_config, resolve_ds_config, strip_launcher_args)
+from rtpo.config import ConfigError
+from rtpo.cli import parse_args
+from rtpo.backends.zero import DeepSpeedBackend
+from rtpo.cli import strip_launcher_args
+from rtpo.distributed import ensure_launch_env, micro_batches_per_update, reference_ds_config, resolve_ds_config
+from rtpo.trainer import make_trainer
+from rtpo.metrics import reduce_rows
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
@@ -143,11 +147,11 @@ def test_prompt_sharding_and_accumulation_counts():
 def test_missing_or_invalid_deepspeed_file(tmp_path):
     """A missing or malformed run.deepspeed file is a ConfigError naming the path."""
     with pytest.raises(ConfigError, match=r"no such file"):
-        DistributedTrainer(cfg_of("--deepspeed", str(tmp_path / "nope.json")))
+        make_trainer(cfg_of("--deepspeed", str(tmp_path / "nope.json")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"is not valid JSON"):
-        DistributedTrainer(cfg_of("--deepspeed", str(bad)))
+        make_trainer(cfg_of("--deepspeed", str(bad)))
 
 
 def test_deepspeed_not_installed_is_a_clear_error(monkeypatch):
@@ -158,7 +162,7 @@ def test_deepspeed_not_installed_is_a_clear_error(monkeypatch):
                                                       "MASTER_PORT": "29999", "DS_ACCELERATOR": "cpu"}[k])
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
     with pytest.raises(ConfigError, match=r"DeepSpeed cannot be imported .*pip install deepspeed, or drop --run.deepspeed"):
-        DistributedTrainer(cfg_of("--deepspeed", CONFIGS["zero2"]))
+        make_trainer(cfg_of("--deepspeed", CONFIGS["zero2"]))
 
 
 def test_launcher_arguments_and_single_process_environment(monkeypatch):
@@ -211,7 +215,7 @@ def test_resume_with_another_process_count_is_refused(tmp_path):
         (state / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
     me = SimpleNamespace(use_deepspeed=True, engine=object(), world=1)
     with pytest.raises(ConfigError, match=r"ZeRO optimizer state of 2 processes, this run has 1; resume with 2"):
-        DistributedTrainer._load_state(me, str(tmp_path))
+        DeepSpeedBackend.load_shards(me, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- multi-process runs

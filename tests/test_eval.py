@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from rtpo.config import parse_args
+from rtpo.cli import parse_args
 from rtpo.eval import main, parse_keeps, resolve_checkpoint
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer

@@ -314,7 +314,8 @@ def test_poisoned_padding_changes_nothing_with_gspo_and_tis(importance):
 
 def test_importance_registry_and_config_accept_the_same_names():
     """loss.importance accepts exactly the registry's keys; a wrong one is a ConfigError naming it."""
-    from rtpo.config import ConfigError, parse_args
+    from rtpo.config import ConfigError
+    from rtpo.cli import parse_args
     from rtpo.losses import IMPORTANCE
 
     assert sorted(IMPORTANCE) == ["sequence", "token"]

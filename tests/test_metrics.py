@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from rtpo.config import ConfigError, parse_args
+from rtpo.config import ConfigError
+from rtpo.cli import parse_args
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 

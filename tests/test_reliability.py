@@ -39,7 +39,8 @@ import train
 from conftest import ROOT, tiny_args
 from rtpo import checkpoint as ckpt, runlock
 from rtpo.checkpoint import CKPT_DIR, MANIFEST, STATE_FILE, list_checkpoints, load_state
-from rtpo.config import ConfigError, parse_args
+from rtpo.config import ConfigError
+from rtpo.cli import parse_args
 from rtpo.metrics import read_metrics
 from rtpo.synthetic import make_dataset
 from rtpo.trainer import Trainer

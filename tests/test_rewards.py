@@ -179,7 +179,7 @@ def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, mon
     extra columns (`difficulty`, `source`) of that completion's own row: it returns the row's
     difficulty, and the per-function rewards equal the difficulty column of each group's row."""
     from conftest import tiny_args
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     rows = _dataset_with_columns(tmp_path / "data.jsonl")
@@ -199,21 +199,22 @@ def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, mon
     import colrewards
 
     by_q = {r["question"]: r for r in rows}
-    groups = [t.train_rows[i] for i in ro["idx"] for _ in range(2)]
-    assert sc["per_fn"]["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
+    groups = [t.train_rows[i] for i in ro.idx for _ in range(2)]
+    assert sc.per_fn["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
     assert colrewards.SEEN["source"] == [by_q[e.question]["source"] for e in groups]
     assert colrewards.SEEN["question"] == [e.question for e in groups]
-    assert colrewards.SEEN["ids"] == ro["completions"]
-    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro["prompts"]]
+    assert colrewards.SEEN["ids"] == ro.completions
+    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro.prompts]
     assert all(e.question in p for e, p in zip(groups, colrewards.SEEN["prompts"]))
-    assert colrewards.SEEN["keeps"] == ro["row_keep"]
+    assert colrewards.SEEN["keeps"] == ro.row_keep
 
 
 def test_reward_needing_an_absent_column_is_refused_at_setup(tmp_path, monkeypatch):
     """A reward function that requires a column the dataset lacks stops at setup with a ConfigError
     naming the argument and listing the columns there are."""
     from conftest import tiny_args
-    from rtpo.config import ConfigError, parse_args
+    from rtpo.config import ConfigError
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     _dataset_with_columns(tmp_path / "data.jsonl")
@@ -233,7 +234,7 @@ def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_pas
     import json
 
     from conftest import tiny_args
-    from rtpo.config import parse_args
+    from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
     rows = [{"question": f"Compute {i}+1.", "reasoning": "", "answer": str(i + 1), "prompts": "column value"}
@@ -248,4 +249,4 @@ def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_pas
                                "--rewards.custom", '{"clash:f": 1.0}'))
     t = Trainer(cfg, log=logs.append)
     assert sum("dataset column(s) 'prompts'" in m for m in logs) == 1 and "prompts" not in t.column_names
-    assert set(t.score(t.rollout(0))["per_fn"]["clash:f"]) == {1.0}
+    assert set(t.score(t.rollout(0)).per_fn["clash:f"]) == {1.0}

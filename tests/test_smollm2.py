@@ -17,7 +17,8 @@ import torch
 
 from rtpo import models
 from rtpo.checkpoint import write_atomically
-from rtpo.config import ConfigError, ModelConfig, parse_args
+from rtpo.config import ConfigError, ModelConfig
+from rtpo.cli import parse_args
 from rtpo.presets import apply_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,12 +234,12 @@ def test_one_rl_step_on_the_real_model(smollm2_dir, tmp_path):
     tr = Trainer(cfg, log=lambda m: None)
     before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
     ro = tr.rollout(0)
-    prompt = tr.tok.decode(ro["prompts"][0])
-    assert ro["keep"] == 1.0 and prompt.startswith("<|im_start|>system") and "<|im_start|>assistant\n<think>\n" in prompt
-    assert prompt.endswith(f"The answer is {ro['answers'][0]}.")  # the whole trace is injected at step 0
+    prompt = tr.tok.decode(ro.prompts[0])
+    assert ro.keep == 1.0 and prompt.startswith("<|im_start|>system") and "<|im_start|>assistant\n<think>\n" in prompt
+    assert prompt.endswith(f"The answer is {ro.answers[0]}.")  # the whole trace is injected at step 0
     sc = tr.score(ro)
     # the length penalty makes rewards differ within a group, so the update has a gradient
-    assert sc["advantages"].abs().sum() > 0
+    assert sc.advantages.abs().sum() > 0
     stats = tr.update(ro, sc)
     assert torch.isfinite(torch.tensor(stats["loss"])) and stats["grad_norm"] > 0 and stats["skipped_updates"] == 0
     changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]

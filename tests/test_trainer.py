@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rtpo.checkpoint import list_checkpoints
-from rtpo.config import parse_args
+from rtpo.cli import parse_args
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
@@ -121,11 +121,11 @@ def test_hint_dropout_rows_get_the_evaluation_prompt(tmp_path):
     cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--G", "4", "--curriculum.hint_dropout", "0.5"))
     t = Trainer(cfg, log=lambda m: None)
     ro = t.rollout(0)
-    for g, i in enumerate(ro["idx"]):
+    for g, i in enumerate(ro.idx):
         eval_prompt, _ = t.builder.build(t.train_enc[i], 0.0)
-        hinted, k = t.builder.build(t.train_enc[i], ro["keeps"][g])
-        assert k > 0 and ro["prompts"][4 * g:4 * g + 4] == [eval_prompt] * 2 + [hinted] * 2
-        assert ro["injected"][4 * g:4 * g + 4] == [0, 0, k, k]
+        hinted, k = t.builder.build(t.train_enc[i], ro.keeps[g])
+        assert k > 0 and ro.prompts[4 * g:4 * g + 4] == [eval_prompt] * 2 + [hinted] * 2
+        assert ro.injected[4 * g:4 * g + 4] == [0, 0, k, k]
     row = t.train_step(0)
     assert 0 <= row["all_wrong_groups"] + row["all_right_groups"] <= 1
 

@@ -35,7 +35,7 @@ def test_warmstart_shows_the_trace_then_mostly_answers():
     """Every example shows its trace before mix_from of the steps, then reasoning_fraction of them do;
     the answer-only target is the same response without the trace."""
     from rtpo.config import WarmstartConfig
-    from rtpo.curriculum import PromptBuilder, response_ids
+    from rtpo.prompts import PromptBuilder, response_ids
     from rtpo.warmstart import reasoning_probability
 
     wc = WarmstartConfig(steps=100, reasoning_fraction=0.2, mix_from=0.6)

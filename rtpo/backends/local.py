@@ -1,0 +1,122 @@
+"""The backend interface, and its one-process implementation (the reference the others equal)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from rtpo.checkpoint import DS_DIR, deepspeed_checkpoint_message
+from rtpo.comm import Comm
+from rtpo.config import ConfigError
+from rtpo.logprobs import completion_logprobs
+
+
+class Backend:
+    """What the Trainer asks of a parallel strategy.
+
+    - `comm`: the processes (world, rank, gather/sum); `main_first()`: local rank 0 loads first.
+    - `prepare(model, ref, lr_fn)`: build the optimizer (and engine) once the models exist.
+    - `logprobs(batch, ref=False)`: per-token log-probs (and entropies) of the policy or the reference.
+    - `backward(loss)` per micro batch; `step(loss_finite)` at the end of an update: the grad norm,
+      NaN when the update was skipped (non-finite loss or gradients: nothing changed).
+    - `generation()`: held around a phase of generation; `full_weights()`: around saving weights.
+    - `state_dict()` / `load_state_dict()`: optimizer and schedule state for trainer_state.pt;
+      `save_shards(folder)` / `load_shards(folder)`: what a strategy keeps beside it (ZeRO shards).
+    """
+
+    comm: Comm
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.comm = Comm()
+
+    def describe(self) -> str | None:
+        return None
+
+    def main_first(self):
+        return contextlib.nullcontext()
+
+    def prepare(self, model, ref, lr_fn) -> None:
+        raise NotImplementedError
+
+    def logprobs(self, batch, ref=False, with_entropy=True):
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def backward(self, loss) -> None:
+        raise NotImplementedError
+
+    def step(self, loss_finite: bool) -> float:
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def generation(self):
+        return contextlib.nullcontext()
+
+    def full_weights(self):
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, st: dict) -> None:
+        raise NotImplementedError
+
+    def save_shards(self, folder) -> None:
+        pass
+
+    def load_shards(self, folder: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LocalBackend(Backend):
+    """One process: torch.optim.AdamW, gradients clipped to optim.max_grad_norm."""
+
+    def prepare(self, model, ref, lr_fn) -> None:
+        o = self.cfg.optim
+        self.model, self.ref = model, ref
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
+
+    def logprobs(self, batch, ref=False, with_entropy=True):
+        return completion_logprobs(self.ref if ref else self.model, batch, self.cfg.rollout.temperature,
+                                   with_entropy=with_entropy)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self, loss_finite: bool) -> float:
+        mgn = self.cfg.optim.max_grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), mgn if mgn > 0 else float("inf")))
+        if loss_finite and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.zero_grad()
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+
+    def load_shards(self, path: str) -> None:
+        if os.path.isdir(os.path.join(path, DS_DIR)):
+            raise ConfigError(deepspeed_checkpoint_message(path))

@@ -1,0 +1,52 @@
+"""What one training step's stages hand each other: typed, one row per completion.
+
+    Trainer.rollout -> Rollout -> Trainer.score -> Scores -> Trainer.update
+
+A step's rows come in groups: row r is completion r % G of prompt r // G (`expand`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+def expand(per_group: list, G: int) -> list:
+    """One entry per row from one per group (prompt): [a, b] -> [a]*G + [b]*G."""
+    return [x for x in per_group for _ in range(G)]
+
+
+@dataclass
+class Rollout:
+    """G completions of each of the step's prompts (this process's share of them)."""
+    keep: float                      # the schedule's hint fraction at this step
+    idx: list                        # train-row index of each group
+    keeps: list                      # each group's hint fraction (its own with curriculum.per_example)
+    hint_targets: list               # each group's (context, target) ids for the hint loss
+    hinted_rows: int                 # rows per group that carry the hint (the last ones of the group)
+    prompts: list = field(default_factory=list)           # per row: prompt token ids
+    completions: list = field(default_factory=list)       # per row: completion token ids
+    finish_reasons: list = field(default_factory=list)
+    injected: list = field(default_factory=list)          # per row: hint tokens in the prompt
+    prefixes: list = field(default_factory=list)          # per row: the hint text the completion continues
+    row_keep: list = field(default_factory=list)          # per row: its hint fraction (0 without hint)
+    rollout_logprobs: list = field(default_factory=list)  # per row: the sampler's log-probs (or None)
+    answers: list = field(default_factory=list)
+    questions: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+@dataclass
+class Scores:
+    """Rewards of a Rollout's rows and their group advantages (over all processes' groups)."""
+    rewards: torch.Tensor            # [rows] total reward
+    per_fn: dict                     # reward function name -> per-row values
+    accuracy: list                   # per row
+    texts: list                      # per row: decoded completion
+    group_idx: list                  # train-row index of every group (all processes')
+    group_keeps: list                # hint fraction of every group (all processes')
+    advantages: Optional[torch.Tensor] = None  # [rows] this process's rows
