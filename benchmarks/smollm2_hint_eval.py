@@ -31,8 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rtpo.config import parse_args  # noqa: E402
-from rtpo.cli import 
+from rtpo.cli import parse_args  # noqa: E402
 from rtpo.eval import evaluate_keeps  # noqa: E402
 from rtpo.trainer import Trainer  # noqa: E402
 
