@@ -123,3 +123,10 @@ def test_bench_vs_trl_loss_equality_when_trl_is_installed(tmp_path):
     res = bench.check_loss(args)
     assert all(c["equal_1e-6"] == c["expected_equal"] for c in res["cases"]), res["cases"]
     assert res["real_batch"]["loss_abs_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+def test_every_benchmark_script_imports(name):
+    """Each script under benchmarks/ loads (no syntax error, no import of a moved name): most are
+    only run by hand, so a refactor would otherwise break them silently."""
+    assert hasattr(load_script(name), "main")
