@@ -1,7 +1,8 @@
 """Does the method work? RTPO against plain GRPO, equal budgets, several seeds, paired by seed.
 
-Regimes (`--regime`): `hard` (default; `--preset hard`, where plain GRPO starves: most groups are all
-wrong at the start) and `default` (the project defaults, `python train.py`'s task).
+Regimes (`--regime`): `hard` (default; `--preset hard`, where plain GRPO starves at first: most groups
+are all wrong), `starved` (the same with a warm-start that never starts reasoning on its own) and
+`default` (the project defaults, `python train.py`'s task).
 
 Arms (`--arms`, default the first four):
 
@@ -56,7 +57,9 @@ ARMS = {
     "rtpo_adaptive": ["--curriculum.schedule", "adaptive"],
 }
 DEFAULT_ARMS = ["grpo", "rtpo_cosine", "rtpo_per_example", "rtpo_hint_loss"]
-REGIMES = {"hard": ["--preset", "hard"], "default": []}
+REGIMES = {"hard": ["--preset", "hard"], "default": [],
+           # the warm-start's last third never shows a trace: the model does not start reasoning on its own
+           "starved": ["--preset", "hard", "--warmstart.reasoning_fraction", "0"]}
 STEP_KEYS = ("step", "keep", "mean_example_keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens",
              "completion_tokens", "zero_var_groups", "all_wrong_groups", "all_right_groups", "hint_nll", "clip_frac",
              "entropy", "grad_norm", "time_step")
@@ -288,7 +291,7 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="24 steps, 2 seeds, 128 eval rows (under 5 min on 2 cores)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: run.max_steps)")
     ap.add_argument("--seeds", default=None, help="comma-separated run seeds (default 1,2,3)")
-    ap.add_argument("--regime", default="hard", choices=list(REGIMES), help="hard (--preset hard) or default")
+    ap.add_argument("--regime", default="hard", choices=list(REGIMES), help="hard (--preset hard), starved or default")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     ap.add_argument("--lr", type=float, default=None, help="optim.lr for every arm (default: the project default)")
     ap.add_argument("--eval-examples", type=int, default=None, help="held-out rows (default 512: SE ~2 pp)")
