@@ -143,7 +143,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", eps_low=0
     return loss, stats
 
 
-def hint_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the injected hint tokens (UFT's supervised term):
-    -sum(logp * mask) / sum(mask); 0 when the mask is empty. Padding never contributes."""
-    return -_masked(logp, mask).sum() / mask.float().sum().clamp(min=1.0)
+def hint_nll(logp: torch.Tensor, mask: torch.Tensor, n_tokens=None) -> torch.Tensor:
+    """Negative log-likelihood of the injected hint tokens (UFT's supervised term):
+    -sum(logp * mask) / n_tokens, n_tokens = sum(mask) unless given (the hint tokens of all processes,
+    so that the processes' shares sum to the one-process loss); 0 when the mask is empty. Padding never
+    contributes."""
+    n = mask.float().sum().clamp(min=1.0) if n_tokens is None else max(float(n_tokens), 1.0)
+    return -_masked(logp, mask).sum() / n

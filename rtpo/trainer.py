@@ -69,7 +69,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-reduce_as("sum", "loss")  # each process's loss is its share of the global loss
+reduce_as("sum", "loss", "hint_nll")  # each process holds its share of the global loss (hint NLL: global normaliser)
 reduce_as("same", "grad_norm")  # the norm of the global gradient
 reduce_as("max", "skipped_updates")
 reduce_as("tokens", "clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap")
@@ -467,14 +467,16 @@ class Trainer:
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
                 n_tokens, n_seqs = self._normalizers(ro, mb)
+                hint = self._hint_rows(ro, mb) if c.loss.hint_loss else ([], [])
+                n_hint = int(self.comm.sum([sum(len(t) for t in hint[1])])[0]) if c.loss.hint_loss else 0
                 self.backend.zero_grad()
                 loss_total = 0.0
                 for j, rows in enumerate(micro):
                     # the hint loss rides on the last micro batch: one forward/backward per micro batch,
                     # as every backend (DeepSpeed's gradient accumulation included) expects
-                    hint = self._hint_rows(ro, mb) if c.loss.hint_loss and j == len(micro) - 1 else ([], [])
-                    loss, st = self._micro_loss(ro, sc, rows, hint, n_tokens, n_seqs, old[m][j] if old else None,
-                                                ref[m][j] if ref else None)
+                    last = j == len(micro) - 1
+                    loss, st = self._micro_loss(ro, sc, rows, hint if last else ([], []), n_hint if last else 0,
+                                                n_tokens, n_seqs, old[m][j] if old else None, ref[m][j] if ref else None)
                     self.backend.backward(loss)
                     loss_total += loss.item()
                     if it == 0:
@@ -486,10 +488,11 @@ class Trainer:
                 stats.add_update(loss_total, grad_norm)
         return stats.metrics(self.updates_per_step, kl=c.loss.beta > 0, tis=c.loss.tis_cap > 0)
 
-    def _micro_loss(self, ro, sc, rows, hint, n_tokens, n_seqs, old_lp, ref_lp):
+    def _micro_loss(self, ro, sc, rows, hint, n_hint, n_tokens, n_seqs, old_lp, ref_lp):
         """Loss of one micro batch: the policy-gradient loss of `rows`, plus loss.hint_loss times the
-        mean negative log-likelihood of the hint targets `hint` = (contexts, targets), computed in
-        the same forward as extra rows (they never enter the policy-gradient terms)."""
+        negative log-likelihood of the hint targets `hint` = (contexts, targets) over the update's
+        `n_hint` hint tokens of all processes, computed in the same forward as extra rows (they never
+        enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
         comps = [ro.completions[i] for i in rows]
         batch = collate([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
@@ -506,8 +509,8 @@ class Trainer:
             n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
             rollout_logp=self._rollout_logprobs(ro, rows, T), tis_cap=c.loss.tis_cap, tis_level=c.loss.tis_level)
         st["tokens"] = int(mask.sum().item())
-        if hint[0]:
-            nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:])
+        if hint[0]:  # the normaliser is global, as the policy loss's: the processes' shares sum to the whole
+            nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:], n_tokens=n_hint)
             loss = loss + c.loss.hint_loss * nll
             st["hint_nll"] = nll.item()
         return loss, st

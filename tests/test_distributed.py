@@ -230,7 +230,8 @@ def tiny(out, cache, *extra):
 # per-step metrics that must agree between 1 and 2 processes (timings aside)
 COMPARED = ["keep", "injected_tokens", "completion_tokens", "reasoning_tokens", "reward", "reward_std", "accuracy",
             "zero_var_groups", "truncated_completions", "loss", "grad_norm", "clip_frac", "kl", "entropy", "lr",
-            "skipped_updates", "eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens"]
+            "skipped_updates", "eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens",
+            "all_wrong_groups", "all_right_groups", "mean_example_keep", "hint_nll"]
 TOL = 1e-5
 
 
@@ -302,6 +303,9 @@ SCENARIOS = {
     "zero2": (["--max_steps", "4", "--optim.max_grad_norm", "0.3"], "zero2", 4),
     "zero3": (["--loss.beta", "0.05", "--loss.scale_rewards", "batch", "--loss.num_iterations", "2"], "zero3", 3),
     "zero3_offload": (["--optim.weight_decay", "0.1", "--lr", "1e-3"], "zero3_offload", 3),
+    # RTPO's adaptive hints: per-example keeps (gathered from every process), hint dropout, hint loss
+    "zero1_hints": (["--curriculum.per_example", "true", "--curriculum.per_example_step", "0.5",
+                     "--curriculum.hint_dropout", "0.34", "--loss.hint_loss", "0.5"], "zero1", 3),
 }
 
 
