@@ -409,7 +409,7 @@ def _check_signs(c: RTPOConfig) -> None:
                    ("rollout.top_k", c.rollout.top_k), ("curriculum.warmup_steps", c.curriculum.warmup_steps),
                    ("curriculum.anneal_steps", c.curriculum.anneal_steps), ("eval.every", c.eval.every),
                    ("eval.num_examples", c.eval.num_examples), ("checkpoint.every", c.checkpoint.every),
-                   ("data.num_train", c.data.num_train), ("data.num_eval", c.data.num_eval),
+                   ("data.num_train", c.data.num_train), ("data.num_eval", c.data.num_eval), ("data.modulus", c.data.modulus),
                    ("optim.max_grad_norm", c.optim.max_grad_norm), ("optim.weight_decay", c.optim.weight_decay),
                    ("loss.epsilon_low", c.loss.epsilon_low), ("loss.epsilon_high", c.loss.epsilon_high),
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
@@ -461,6 +461,10 @@ def _check_ranges(c: RTPOConfig) -> None:
         raise ConfigError("curriculum.milestones and curriculum.values must be numbers in [0, 1]")
     if list(m) != sorted(m):
         raise ConfigError(f"curriculum.milestones must be increasing, got {m}")
+    if c.warmstart.max_operands != 0 and c.warmstart.max_operands < 2:
+        raise ConfigError(f"warmstart.max_operands = {c.warmstart.max_operands}: use 0 (as data.max_operands) or >= 2")
+    if c.data.modulus == 1:
+        raise ConfigError("data.modulus = 1 makes every answer 0; use 0 (plain integers) or >= 2")
     if c.data.min_operands < 2 or c.data.max_operands < c.data.min_operands:
         raise ConfigError(f"data.min_operands/max_operands = {c.data.min_operands}/{c.data.max_operands}: "
                           "need 2 <= min_operands <= max_operands")

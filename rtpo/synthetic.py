@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 
+
 def make_example(rng: random.Random, min_operands: int = 3, max_operands: int = 5, max_operand: int = 30,
                  modulus: int = 0) -> dict:
     n = rng.randint(min_operands, max_operands)

@@ -449,6 +449,11 @@ BAD_INPUTS = [
     ("resume_auto_in_a_new_folder", lambda f: ["--resume", "auto", "--output_dir", "NEW"],
      ["run.resume", "no complete checkpoint"]),
     ("output_dir_holds_a_run", lambda f: ["--run.overwrite", "false"], ["already holds a run", "--resume auto"]),
+    ("warmstart_max_operands_negative", lambda f: ["--warmstart.max_operands", "-1"],
+     ["warmstart.max_operands = -1", ">= 2"]),
+    ("modulus_one", lambda f: ["--data.modulus", "1"], ["data.modulus = 1", "plain integers"]),
+    ("hint_dropout_above_one", lambda f: ["--curriculum.hint_dropout", "1.5"], ["curriculum.hint_dropout = 1.5", "[0, 1]"]),
+    ("hint_loss_negative", lambda f: ["--loss.hint_loss", "-1"], ["loss.hint_loss = -1.0 must be >= 0"]),
 ]
 
 
