@@ -99,14 +99,12 @@ def rtpo_trainer(args, out_dir, threads):
 
 
 def step_prompts(t, n_steps):
-    """The prompts rtpo uses at steps 0..n_steps-1 as (text, answer, ids), in order."""
+    """The prompts rtpo uses at steps 0..n_steps-1 (Trainer.step_prompts) as (text, answer, ids), in order."""
     out = []
     for s in range(n_steps):
-        keep = t.curriculum.keep(s)
-        for i in t.batch_indices(s):
-            ids, _ = t.builder.build(t.train_enc[i], keep)
-            text = t.tok.decode(ids, skip_special_tokens=False)
-            out.append((text, t.train_rows[i].answer, ids))
+        idx, _, prompts = t.step_prompts(s)
+        out += [(t.tok.decode(ids, skip_special_tokens=False), t.train_rows[i].answer, ids)
+                for i, (ids, _) in zip(idx, prompts)]
     return out
 
 
@@ -475,10 +473,8 @@ def check_loss(args):
 def check_real_batch(t, model_path, args):
     """Identical completions from an rtpo rollout through both sides' scoring and loss, real forward."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from rtpo.logprobs import collate, completion_logprobs
-    from rtpo.losses import policy_loss
 
     cfg, tok = t.cfg, t.tok
     micro = cfg.optim.micro_batch_size
@@ -486,21 +482,20 @@ def check_real_batch(t, model_path, args):
     sc = t.score(ro)
     N = len(ro.completions)
     ga = N // micro
-    # rtpo: the trainer's update path without the optimizer step
-    model_r = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+    # rtpo: the trainer's own micro-batch loss (Trainer._micro_loss) and backward, without the optimizer step
+    model_r = t.model.train()
+    model_r.zero_grad(set_to_none=True)
     n_tokens = sum(len(c) for c in ro.completions)
     loss_r, lp_r = 0.0, []
     for j in range(0, N, micro):
         rows = list(range(j, j + micro))
-        batch = collate([ro.prompts[i] for i in rows], [ro.completions[i] for i in rows], tok.pad_token_id)
-        logp, ent = completion_logprobs(model_r, batch, cfg.rollout.temperature)
-        loss, _ = policy_loss(logp.float(), logp.detach(), sc.advantages[rows], batch["completion_mask"],
-                              loss_type=cfg.loss.loss_type, eps_low=cfg.loss.epsilon_low,
-                              eps_high=cfg.loss.epsilon_high, n_seqs=N, n_tokens=n_tokens,
-                              max_len=cfg.rollout.max_new_tokens)
+        loss, _ = t._micro_loss(ro, sc, rows, ([], []), 0, n_tokens, N, None, None)
         loss.backward()
         loss_r += loss.item()
-        lp_r.append((logp.detach(), batch["completion_mask"]))
+        with torch.no_grad():  # the same rows' log-probs, to compare with TRL's
+            batch = collate([ro.prompts[i] for i in rows], [ro.completions[i] for i in rows], tok.pad_token_id)
+            lp_r.append((completion_logprobs(model_r, batch, cfg.rollout.temperature, with_entropy=False)[0],
+                         batch["completion_mask"]))
     # TRL: its own scoring of the same completions, then its loss
     tr = _trl_trainer_for_check(model_path, tok, cfg, args, per_device_train_batch_size=micro,
                                 gradient_accumulation_steps=ga)

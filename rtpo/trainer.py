@@ -347,16 +347,22 @@ class Trainer:
             ids = ids[:-1]
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def step_prompts(self, step: int) -> tuple[list, list, list]:
+        """(this process's example indices, their keeps, their hinted prompts as (ids, injected tokens)) at
+        `step`: what `rollout` samples from (hint dropout aside), a pure function of the step and the
+        checkpointed curriculum state."""
+        idx = self.batch_indices(step)
+        keeps = self.curriculum.example_keeps(step, idx)
+        return idx, keeps, [self.builder.build(self.train_enc[i], k) for i, k in zip(idx, keeps)]
+
     def rollout(self, step: int) -> Rollout:
         """G completions for each of the step's prompts. Each example's prompt holds its kept hint
         (the schedule's keep, or its own with curriculum.per_example); with hint_dropout the first
         dropout_rows(G) rows of every group get the hint-free prompt instead. Row r belongs to group r // G."""
         c, G = self.cfg, self.cfg.rollout.num_generations
         keep = self.curriculum.keep(step)
-        idx = self.batch_indices(step)
-        keeps = self.curriculum.example_keeps(step, idx)
+        idx, keeps, hinted = self.step_prompts(step)
         encs = [self.train_enc[i] for i in idx]
-        hinted = [self.builder.build(e, k) for e, k in zip(encs, keeps)]
         plain = [self.builder.build(e, 0.0) for e in encs]
         n0 = dropout_rows(G, c.curriculum.hint_dropout)
         sampling = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
