@@ -249,3 +249,14 @@ def test_one_rl_step_on_the_real_model(smollm2_dir, tmp_path):
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, tr.model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_smollm2_think_preset_is_smollm2_plus_a_format_warmstart():
+    """`--preset smollm2-think` is the smollm2 preset with the supervised format warm-start switched on
+    (whole traces), and nothing else changed."""
+    from rtpo.config import RTPOConfig
+
+    base = apply_preset(RTPOConfig(), "smollm2", cuda=False).validate().to_dict()
+    think = apply_preset(RTPOConfig(), "smollm2-think", cuda=False).validate().to_dict()
+    assert think["warmstart"]["enabled"] == "true" and think["warmstart"]["reasoning_fraction"] == 1.0
+    assert {k: v for k, v in think.items() if k != "warmstart"} == {k: v for k, v in base.items() if k != "warmstart"}
