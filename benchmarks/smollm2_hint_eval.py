@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rtpo.cli import parse_args  # noqa: E402
+from rtpo.checkpoint import write_json  # noqa: E402
 from rtpo.eval import evaluate_keeps  # noqa: E402
 from rtpo.trainer import Trainer  # noqa: E402
 
@@ -93,8 +94,7 @@ def main(argv=None) -> int:
     if args.steps:
         log(f"RL: {args.steps} steps, {result['train_seconds']:.0f} s wall ({result['train_seconds'] / args.steps:.1f} s/step)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     log(f"[bench] wrote {args.out}")
     return 0
 

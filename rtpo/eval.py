@@ -240,8 +240,7 @@ def main(argv=None) -> int:
         print(table(results))
     if args.out and args.out != "-":
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        ckpt.write_json(args.out, report)  # atomic
         log(f"[rtpo.eval] wrote {args.out}")
     return 0
 
