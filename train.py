@@ -30,11 +30,12 @@ def main(argv=None) -> int:
     from rtpo.trainer import TrainingError, make_trainer
 
     argv = strip_launcher_args(argv)  # the `deepspeed` launcher's --local_rank=N
-    trainer = None
+    trainer, finished = None, False
     try:
         cfg = parse_args(argv)
         trainer = make_trainer(cfg)  # one process, DeepSpeed or DDP: see rtpo/backends/
         summary = trainer.train()
+        finished = True
     except (ConfigError, DataError) as e:  # bad input, found during setup: the output folder is untouched
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         print(f"error: {_one_line(e) or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
-        shutdown()
+        shutdown(synchronize=finished)
     if is_main_process():
         print(json.dumps(summary, indent=2))
     return 0

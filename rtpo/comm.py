@@ -106,11 +106,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
     """Tear the process group down explicitly: a ZeRO-3 process that exits with it alive aborts.
-    No barrier first: after an error on one process the others may sit in another collective, and
-    that process must exit (the launcher then stops the rest) rather than wait for them."""
+    After a run that finished everywhere (`synchronize`), a barrier first: a process that tears gloo
+    down while its peer still finishes its last collective can abort the peer at exit ("terminate
+    called without an active exception"). No barrier after an error: the others may sit in another
+    collective, and this process must exit (the launcher then stops the rest) rather than wait."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -70,7 +70,7 @@ def main():
     from rtpo.trainer import make_trainer
 
     spec = json.load(open(sys.argv[1]))
-    summaries = []
+    summaries, finished = [], False
     try:
         for run in spec["runs"]:
             trainer = make_trainer(parse_args(run["argv"]), log=lambda msg: None)
@@ -94,8 +94,9 @@ def main():
         if dist.get_rank() == 0:
             with open(sys.argv[1] + ".summaries.json", "w") as f:
                 json.dump(summaries, f)
+        finished = True
     finally:
-        shutdown()
+        shutdown(synchronize=finished)
 
 
 if __name__ == "__main__":
