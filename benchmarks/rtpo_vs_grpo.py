@@ -319,6 +319,11 @@ def parse(argv=None):
     return args
 
 
+def plot_title(meta: dict) -> str:
+    return (f"RTPO vs GRPO, {meta['regime']} regime: {meta['steps']} steps x {meta['prompts_per_step']} prompts x "
+            f"G={meta['G']}, lr {meta['lr']:g}, seeds {meta['seeds']} (band: ±1 std over seeds)")
+
+
 def resummarize(path: str) -> dict:
     """Recompute a results file's summary (and PNG) from its runs' stored curves, and print the table."""
     with open(path) as f:
@@ -327,9 +332,7 @@ def resummarize(path: str) -> dict:
     arms = [r["arm"] for r in data["summary"]]
     meta.setdefault("regime", data["env"]["args"].get("regime", "default"))
     data["summary"] = summarize(runs, arms, meta["first_n"])
-    plot(runs, arms, os.path.splitext(path)[0] + ".png", f"RTPO vs GRPO, {meta['regime']} regime: {meta['steps']} steps "
-         f"x {meta['prompts_per_step']} prompts x G={meta['G']}, lr {meta['lr']:g}, seeds {meta['seeds']} "
-         "(band: ±1 std over seeds)")
+    plot(runs, arms, os.path.splitext(path)[0] + ".png", plot_title(meta))
     write_json(path, data)
     print_table(data["summary"], meta)
     return data
@@ -363,9 +366,7 @@ def main(argv=None):
     rows = summarize(runs, arms, first_n)
     total = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    png = plot(runs, arms, os.path.splitext(args.out)[0] + ".png",
-               f"RTPO vs GRPO, {args.regime} regime: {n} steps x {meta['prompts_per_step']} prompts x G={meta['G']}, "
-               f"lr {meta['lr']:g}, seeds {seeds} (band: ±1 std over seeds)")
+    png = plot(runs, arms, os.path.splitext(args.out)[0] + ".png", plot_title(meta))
     rl_hparams = {"run.max_steps": c["run"]["max_steps"], "rollout": c["rollout"], "loss": c["loss"],
                   "optim": c["optim"], "rewards": c["rewards"], "curriculum (non-schedule)":
                   {k: v for k, v in c["curriculum"].items() if k != "schedule"}, "eval": c["eval"],
