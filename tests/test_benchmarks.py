@@ -130,3 +130,38 @@ def test_every_benchmark_script_imports(name):
     """Each script under benchmarks/ loads (no syntax error, no import of a moved name): most are
     only run by hand, so a refactor would otherwise break them silently."""
     assert hasattr(load_script(name), "main")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_without_a_gpu_stops_with_one_error_line(tmp_path):
+    """benchmarks/gpu_check.sh on a CPU machine runs nothing: one `error:` line, exit status 2."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHON=sys.executable, GPU_CHECK_OUT=str(tmp_path)), timeout=120)
+    assert p.returncode == 2 and p.stdout.startswith("error: no CUDA GPU") and len(p.stdout.splitlines()) == 1
+
+
+def test_gpu_check_report_reads_every_steps_output(tmp_path, capsys):
+    """The report turns each step's files into one table row: a failed step says so, a goal is judged
+    from the measured value (rollout 2.5x generate: met; MFU 31 %: missed), 1 GPU skips NCCL."""
+    rep = load_script("gpu_check_report")
+    (tmp_path / "steps.tsv").write_text("cuda_tests\t0\t40\nbench_generation\t0\t60\nsmollm2_rtpo\t124\t150\n"
+                                        "update_mfu\t0\t50\nzero_nccl\tskipped\t0\n")
+    (tmp_path / "cuda_tests.log").write_text("....s\n======= 4 passed, 1 skipped in 9.1s =======\n")
+    row = dict(prompt_len=512, G=8)
+    (tmp_path / "bench_generation.json").write_text(json.dumps({"throughput": [
+        {**row, "config": "a hf_generate", "tok_per_s": 1000.0}, {**row, "config": "d ours_shared", "tok_per_s": 2500.0},
+        {**row, "config": "b no_cache", "tok_per_s": 90.0}]}))
+    (tmp_path / "bench_update_flops.json").write_text(json.dumps({
+        "achieved_flops_fwd_bwd": 2.5e14, "matmul_peak_flops": 8e14, "dtype": "torch.bfloat16",
+        "mfu_fwd_bwd": 0.3125, "mfu_update": 0.25}))
+    rep.main(str(tmp_path))
+    lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
+    assert "4 passed, 1 skipped" in lines["cuda_tests"]
+    assert "goal met" in lines["bench_generation"] and "2.50x" in lines["bench_generation"]
+    assert "timeout" in lines["smollm2_rtpo"]
+    assert "goal missed" in lines["update_mfu"] and "31.2%" in lines["update_mfu"]
+    assert "skipped" in lines["zero_nccl"]
+    assert len(json.loads((tmp_path / "gpu_check.json").read_text())) == 5

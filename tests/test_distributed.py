@@ -22,6 +22,8 @@ from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# RTPO_TEST_DEVICE=cuda (benchmarks/gpu_check.sh, >= 2 GPUs): the multi-process runs use one GPU each and NCCL
+DEVICE = os.environ.get("RTPO_TEST_DEVICE", "cpu")
 CONFIGS = {name: os.path.join(ROOT, "ds_configs", f"{name}.json") for name in ("zero1", "zero2", "zero3", "zero3_offload")}
 
 
@@ -224,7 +226,8 @@ def tiny(out, cache, *extra):
     """A few steps of the embedded task at toy sizes; the custom reward makes advantages non-zero."""
     return tiny_args(out, cache, "--max_steps", "3", "--rollout.prompts_per_step", "4", "--G", "4",
                      "--rollout.max_new_tokens", "10", "--eval.num_examples", "6", "--eval.max_new_tokens", "10",
-                     "--rewards.custom", '{"tests.distributed_helpers:digit_reward": 1.0}', *extra)
+                     "--rewards.custom", '{"tests.distributed_helpers:digit_reward": 1.0}', "--run.device", DEVICE,
+                     *extra)
 
 
 # per-step metrics that must agree between 1 and 2 processes (timings aside)
@@ -259,7 +262,7 @@ def single(argv):
 
 
 def env(**extra):
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    e = dict(os.environ, DS_ACCELERATOR="cuda" if DEVICE == "cuda" else "cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     e.update(extra)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
