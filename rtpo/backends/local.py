@@ -12,6 +12,7 @@ from rtpo.checkpoint import DS_DIR, deepspeed_checkpoint_message
 from rtpo.comm import Comm
 from rtpo.config import ConfigError
 from rtpo.logprobs import completion_logprobs
+from rtpo.lora import AdaptersOff
 
 
 class Backend:
@@ -86,11 +87,15 @@ class LocalBackend(Backend):
     def prepare(self, model, ref, lr_fn) -> None:
         o = self.cfg.optim
         self.model, self.ref = model, ref
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        # trainable parameters only: with LoRA the frozen base holds no optimizer state
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
 
     def logprobs(self, batch, ref=False, with_entropy=True):
+        if ref and isinstance(self.ref, AdaptersOff):  # LoRA: the reference is the policy with adapters off
+            with self.ref.off():
+                return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
         return completion_logprobs(self.ref if ref else self.model, batch, self.cfg.rollout.temperature,
                                    with_entropy=with_entropy)
 

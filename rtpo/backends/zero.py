@@ -26,6 +26,7 @@ from rtpo.distributed import (BATCH_KEYS, DS_TAG, LogprobModule, check_boundary,
                               micro_batches_per_update, place, reference_ds_config, resolve_ds_config,
                               world_size, zero_stage)
 from rtpo.logprobs import completion_logprobs
+from rtpo.lora import AdaptersOff
 
 
 class DeepSpeedBackend(Backend):
@@ -66,7 +67,7 @@ class DeepSpeedBackend(Backend):
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-        if ref is not None and self.stage == 3:
+        if ref is not None and self.stage == 3 and not isinstance(ref, AdaptersOff):
             self.ref_engine = deepspeed.initialize(model=self._logprob_module(ref),
                                                    config=reference_ds_config(self.ds_config))[0]
             self.ref_engine.eval()
@@ -83,6 +84,9 @@ class DeepSpeedBackend(Backend):
         return module
 
     def logprobs(self, batch, ref=False, with_entropy=True):
+        if ref and isinstance(self.ref, AdaptersOff):  # LoRA: the policy's engine with its adapters off
+            with self.ref.off():
+                return self.engine(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
         engine = self.ref_engine if ref else self.engine
         if engine is None:
             return completion_logprobs(self.ref, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
