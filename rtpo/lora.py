@@ -84,6 +84,9 @@ def attach(model, lc: LoraConfig, base: str | None, revision: str | None = None,
             pm = peft.get_peft_model(model, peft_config(lc, base, revision))
         except ValueError as e:  # e.g. a target that is not a layer type LoRA supports
             raise ConfigError(f"model.lora: peft refused the settings ({' '.join(str(e).split())})") from None
+    for p in model.parameters():  # frozen now: a gradient left by the warm-start must not enter any norm
+        if not p.requires_grad:
+            p.grad = None
     pm.peft_config["default"].base_model_name_or_path = base  # get_peft_model overwrites it with the model's own
     pm.peft_config["default"].revision = revision
     return pm
@@ -234,6 +237,6 @@ def save_adapter(peft_model, folder: str) -> None:
 def load_merged(folder: str):
     """An ordinary transformers model: the adapter of `folder` merged into its base (float32, CPU)."""
     peft = import_peft(f"{folder} is a PEFT adapter")
-    model = peft.PeftModel.from_pretrained(load_base(folder), folder)
-    return model.merge_and_unload()
+    model = peft.PeftModel.from_pretrained(load_base(folder), folder).merge_and_unload()
+    return model.requires_grad_(True)  # as from_pretrained gives it (peft froze the base)
 

@@ -88,7 +88,8 @@ class LocalBackend(Backend):
         o = self.cfg.optim
         self.model, self.ref = model, ref
         # trainable parameters only: with LoRA the frozen base holds no optimizer state
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
 
@@ -107,7 +108,7 @@ class LocalBackend(Backend):
 
     def step(self, loss_finite: bool) -> float:
         mgn = self.cfg.optim.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), mgn if mgn > 0 else float("inf")))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, mgn if mgn > 0 else float("inf")))
         if loss_finite and math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()
