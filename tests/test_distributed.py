@@ -389,12 +389,14 @@ def test_zero3_generation_gathers_once_not_per_token(worker):
 
 
 @pytest.mark.slow
-def test_ddp_under_torchrun_without_deepspeed(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ddp_under_torchrun_without_deepspeed(tmp_path, lora):
     """`torchrun --nproc_per_node 2 train.py` without --run.deepspeed trains with DDP, and runs even
     where DeepSpeed cannot be imported; 2 processes equal 1 process within 1e-5 (grpo loss, 2 micro
-    batches per update: gradient sync only on the last one)."""
+    batches per update: gradient sync only on the last one). With LoRA: DDP syncs the adapters only,
+    the reference (beta > 0) is the policy with adapters disabled."""
     cache = tmp_path / "cache"
-    extra = ["--loss.loss_type", "grpo"]
+    extra = ["--loss.loss_type", "grpo"] + (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"] if lora else [])
     single(tiny(tmp_path / "one", cache, *extra))
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -407,7 +409,7 @@ def test_ddp_under_torchrun_without_deepspeed(tmp_path):
     metric, weight = max_differences(tmp_path / "one", tmp_path / "ddp", 3)
     print(f"ddp: max |metric diff| {metric:.3g}, max |weight diff| {weight:.3g}")
     assert metric < TOL and weight < TOL
-    only_rank0_outputs(tmp_path / "ddp")
+    only_rank0_outputs(tmp_path / "ddp", lora=lora)
 
 
 @pytest.mark.slow
