@@ -334,7 +334,7 @@ def worker(tmp_path_factory):
             continue
         single(tiny(base / f"{name}-1proc", cache, *extra))  # first: fills the warm-start cache the processes share
         argv = tiny(base / name, cache, *extra, "--deepspeed", CONFIGS[ds])
-        if name in ("zero2", "zero3_lora"):  # rank 1 alone is sent SIGTERM during step 1; then a resume
+        if name in ("zero2", "zero2_lora", "zero3_lora"):  # rank 1 alone is sent SIGTERM during step 1; then a resume
             runs += [{"argv": argv, "sigterm_rank1_at_step": 1}, {"argv": argv + ["--resume", "auto"]}]
         elif name == "zero3":
             runs.append({"argv": argv, "probe_decode": str(base / "zero3-decode-collectives.json")})
@@ -356,8 +356,8 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     process without DeepSpeed on the same global batch and seed, within 1e-5: prompt sharding, exact
     group statistics, global loss normalisers, DeepSpeed's clipping and AdamW. The ZeRO-2 run was
     stopped by a SIGTERM that reached rank 1 only (both processes stop and save at the same step) and
-    resumed from its DeepSpeed checkpoint, so signal agreement and resume are exact too. With LoRA (ZeRO-2,
-    and ZeRO-3 stopped and resumed the same way) the adapters and the base written for them agree too."""
+    resumed from its DeepSpeed checkpoint, so signal agreement and resume are exact too. With LoRA (ZeRO-2 and
+    ZeRO-3, both stopped and resumed the same way) the adapters and the base written for them agree too."""
     worker, summaries = worker
     if not (worker / name).exists():
         pytest.skip(f"{name}: DeepSpeed's CPU Adam op is not built (a JIT compile of minutes on first use); "
@@ -375,7 +375,7 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     ck = worker / name / "checkpoints" / f"step_{steps:06d}"
     shards = sorted(p.name for p in (ck / "deepspeed" / "state").iterdir() if "optim_states" in p.name)
     assert len(shards) == 2, shards  # one ZeRO optimizer shard per process
-    if name in ("zero2", "zero3_lora"):
+    if name in ("zero2", "zero2_lora", "zero3_lora"):
         assert summaries[name]["stopped"] == "SIGTERM" and summaries[name]["steps"] == 2
         assert summaries[f"{name}+resume"]["steps"] == steps
 

@@ -132,7 +132,9 @@ class DeepSpeedBackend(Backend):
         self.scheduler.load_state_dict(st["scheduler"])  # the optimizer's state came with the shards
 
     def save_shards(self, folder) -> None:
-        self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=False)
+        # LoRA: the frozen base is not written into every checkpoint (it is reloaded from base_model/ or its source)
+        self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.model.lora.r > 0)
 
     def load_shards(self, path: str) -> None:
         if not os.path.isdir(os.path.join(path, DS_DIR)):
@@ -146,6 +148,7 @@ class DeepSpeedBackend(Backend):
                               "re-partition it; its universal-checkpoint tools can convert it), or start a new run "
                               f"from its weights with --model {path}")
         loaded, _ = self.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True,
+                                                load_module_strict=self.cfg.model.lora.r == 0)  # LoRA: no frozen base
         if loaded is None:
             raise ConfigError(f"run.resume: DeepSpeed could not load {os.path.join(path, DS_DIR)}")
