@@ -263,9 +263,9 @@ class Trainer:
             lora.load_adapter_weights(pm, self.resume_from)
         elif base == os.path.abspath(os.path.join(self.out, lora.BASE_DIR)):
             # base tensors that train (biases with model.lora.bias != none), as they are before any update
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            trainable = {lora.base_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
             self._base_pending = {k: v.detach().clone() for k, v in lora.base_state_dict(self.model).items()
-                                  if k in {lora.base_name(n) for n in trainable}}
+                                  if k in trainable}
         return pm
 
     def _starting_model(self):

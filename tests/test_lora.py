@@ -264,3 +264,26 @@ def test_export_merges_and_eval_reads_a_lora_run(tmp_path, capsys):
     final = read_metrics(out / "metrics.jsonl")[-1]
     for k in ("accuracy", "format", "reasoning_tokens", "completion_tokens"):
         assert rep["results"][0][k] == pytest.approx(final[f"eval/{k}"]), k
+
+
+def test_attach_is_seeded_and_leaves_the_global_random_stream_alone():
+    """lora.attach draws lora_A from its own seed inside a forked RNG: the global torch stream is where
+    it was (rollouts and dropout see the same numbers with or without LoRA), the same seed gives the
+    same adapter, another seed another one; lora_B is zero and only adapters require grad."""
+    from rtpo.config import LoraConfig
+    from rtpo.embedded import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    models = [build_model(tok, 32, 1, 2, 1, 64, seed=0) for _ in range(3)]
+    adapters = []
+    for m, seed in zip(models, (1, 1, 2)):
+        state = torch.get_rng_state()
+        pm = lora.attach(m, LoraConfig(r=4), base="/some/base", seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert pm.peft_config["default"].base_model_name_or_path == "/some/base"
+        adapters.append({n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n})
+        assert {n for n, p in m.named_parameters() if p.requires_grad} == set(adapters[-1])
+    a, b, c = adapters
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
+    assert all(not a[k].any() for k in a if "lora_B" in k)
