@@ -735,18 +735,18 @@ class Trainer:
         """Every process: its backend's shards; the main process: HF weights, tokenizer, trainer_state.pt."""
         tmp = self.comm.broadcast(tmp)  # the main process's temporary folder, from ckpt.save_checkpoint
         self.backend.save_shards(tmp)
-        with self.backend.full_weights():
+        base = self._base_pending if self.peft is not None else None  # LoRA, once per run: the base it names
+        with self.backend.full_weights(trainable_only=self.peft is not None and base is None):  # same on every process
             if self.comm.is_main:
                 if self.peft is None:
                     self.model.save_pretrained(tmp)
                 else:
-                    if self._base_pending is not None:  # once per run: the base that adapter_config.json names
-                        lora.write_base(self.model, self.tok, os.path.join(self.out, lora.BASE_DIR),
-                                        self._base_pending)
-                        self._base_pending = None
+                    if base is not None:
+                        lora.write_base(self.model, self.tok, os.path.join(self.out, lora.BASE_DIR), base)
                     lora.save_adapter(self.peft, tmp)
                 self.tok.save_pretrained(tmp)
                 ckpt.save_state(tmp, self.state_dict())
+        self._base_pending = None
         self.comm.barrier()  # every shard is written before the main process fsyncs and renames the folder
 
     def save(self) -> str:

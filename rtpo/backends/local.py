@@ -23,7 +23,8 @@ class Backend:
     - `logprobs(batch, ref=False)`: per-token log-probs (and entropies) of the policy or the reference.
     - `backward(loss)` per micro batch; `step(loss_finite)` at the end of an update: the grad norm,
       NaN when the update was skipped (non-finite loss or gradients: nothing changed).
-    - `generation()`: held around a phase of generation; `full_weights()`: around saving weights.
+    - `generation()`: held around a phase of generation; `full_weights(trainable_only)`: around saving
+      weights (all of them, or the trainable ones: a LoRA adapter).
     - `state_dict()` / `load_state_dict()`: optimizer and schedule state for trainer_state.pt;
       `save_shards(folder)` / `load_shards(folder)`: what a strategy keeps beside it (ZeRO shards).
     """
@@ -62,7 +63,7 @@ class Backend:
     def generation(self):
         return contextlib.nullcontext()
 
-    def full_weights(self):
+    def full_weights(self, trainable_only: bool = False):
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict:

@@ -116,11 +116,13 @@ class DeepSpeedBackend(Backend):
             yield
 
     @contextlib.contextmanager
-    def full_weights(self):
+    def full_weights(self, trainable_only: bool = False):
         if self.stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            # trainable_only (a LoRA adapter): the frozen base stays partitioned, not gathered on every save
+            params = [p for p in self.model.parameters() if p.requires_grad or not trainable_only]
+            with deepspeed.zero.GatheredParameters(params):
                 yield
         else:
             yield
