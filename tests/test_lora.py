@@ -287,3 +287,22 @@ def test_attach_is_seeded_and_leaves_the_global_random_stream_alone():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
     assert all(not a[k].any() for k in a if "lora_B" in k)
+
+
+def test_a_moved_run_folder_still_finds_its_base(tmp_path):
+    """adapter_config.json names <run>/base_model by absolute path; after the run folder is moved,
+    the base is found next to the checkpoint (<run>/checkpoints/step_N -> <run>/base_model), and a
+    base found nowhere is one error naming the file to edit."""
+    import shutil
+
+    few = ("--max_steps", "1", "--eval.num_examples", "0", "--checkpoint.every", "1")
+    run(tiny_args(tmp_path / "run", tmp_path / "cache", *LORA, *few))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    ck = str(tmp_path / "moved" / "checkpoints" / "step_000001")
+    assert json.load(open(os.path.join(ck, lora.ADAPTER_CONFIG)))["base_model_name_or_path"] == str(tmp_path / "run" / "base_model")
+    assert lora.resolve_base(ck) == (str(tmp_path / "moved" / "base_model"), None)
+    merged = lora.load_merged(ck)
+    assert all(p.requires_grad for p in merged.parameters()) and not any("lora" in n for n, _ in merged.named_parameters())
+    shutil.rmtree(tmp_path / "moved" / "base_model")
+    with pytest.raises(ConfigError, match=r"its base model '.*/run/base_model' cannot be found .* edit base_model_name_or_path in"):
+        lora.resolve_base(ck)
