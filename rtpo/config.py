@@ -37,6 +37,20 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT, `pip install -e ".[lora]"`): with r > 0 only the low-rank adapters on
+    target_modules (and modules_to_save) train; the base weights stay frozen and, with loss.beta > 0,
+    serve as the reference policy (adapters disabled), so no second copy of the model is held."""
+    r: int = 0                      # rank; 0 = off (full fine-tuning)
+    alpha: float = 16.0             # the adapter's output is scaled by alpha / r
+    # 0 by default: dropout makes the no-grad old/reference passes and the update's forward disagree
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    bias: str = "none"              # none | all | lora_only: which biases train too
+    modules_to_save: list = field(default_factory=list)  # whole modules trained and saved beside the adapter
+
+
+@dataclass
 class ModelConfig:
     name: str = "embedded"          # "embedded" | hub name | local folder | file.gguf | preset name
     revision: Optional[str] = None
@@ -48,6 +62,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
+    lora: LoraConfig = field(default_factory=LoraConfig)  # --model.lora.r 8 (or --lora.r 8) turns LoRA on
 
 
 @dataclass
@@ -242,6 +257,10 @@ ALIASES = {
 }
 
 
+# Nested sections reachable without their parent's name: --lora.r 8 is --model.lora.r 8.
+NESTED = {"lora": "model"}
+
+
 def _sections(cfg: RTPOConfig):
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
@@ -249,14 +268,21 @@ def _sections(cfg: RTPOConfig):
 def resolve_key(cfg: RTPOConfig, key: str) -> tuple[str, str]:
     """Map "lr" / "optim.lr" / "optim-lr" to ("optim", "lr"); raise ConfigError for unknown keys."""
     key = ALIASES.get(key, key).replace("-", "_")
+    if key.split(".")[0] in NESTED:  # "lora.r" -> "model.lora.r"
+        key = f"{NESTED[key.split('.')[0]]}.{key}"
     sections = _sections(cfg)
     if "." in key:
         sec, _, name = key.partition(".")
         if sec not in sections:
             raise ConfigError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(sections)}")
-        if name not in {f.name for f in dataclasses.fields(sections[sec])}:
-            names = ", ".join(f.name for f in dataclasses.fields(sections[sec]))
-            raise ConfigError(f"unknown config key {key!r}; {sec} has: {names}")
+        obj, path = sections[sec], name.split(".")
+        for i, part in enumerate(path):  # a nested section (model.lora) is walked part by part
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                where = ".".join([sec] + path[:i])
+                names = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else "no keys"
+                raise ConfigError(f"unknown config key {key!r}; {where} has: {names}")
+            if i < len(path) - 1:
+                obj = getattr(obj, part)
         return sec, name
     owners = [s for s, obj in sections.items() if key in {f.name for f in dataclasses.fields(obj)}]
     if len(owners) == 1:
@@ -267,6 +293,10 @@ def resolve_key(cfg: RTPOConfig, key: str) -> tuple[str, str]:
 
 
 def _field_type(obj, name: str):
+    """The type of field `name` of `obj`; a dotted name ("lora.r") is looked up in the nested section."""
+    *parents, name = name.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
     hints = typing.get_type_hints(type(obj))
     return hints[name]
 
@@ -331,7 +361,23 @@ def coerce(value: Any, tp, key: str) -> Any:
 def set_value(cfg: RTPOConfig, key: str, value: Any) -> None:
     sec, name = resolve_key(cfg, key)
     obj = getattr(cfg, sec)
-    setattr(obj, name, coerce(value, _field_type(obj, name), f"{sec}.{name}"))
+    *parents, leaf = name.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    if dataclasses.is_dataclass(getattr(obj, leaf)):  # a whole nested section: {"r": 8, "alpha": 16}
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(value, dict):
+            full = f"{sec}.{name}"
+            raise ConfigError(f"config key {full!r} is a section: set its keys, e.g. --{full}."
+                              f"{dataclasses.fields(getattr(obj, leaf))[0].name} VALUE")
+        for k, v in value.items():
+            set_value(cfg, f"{sec}.{name}.{k}", v)
+        return
+    setattr(obj, leaf, coerce(value, _field_type(obj, leaf), f"{sec}.{name}"))
 
 
 def apply_dict(cfg: RTPOConfig, data: dict, source: str = "config") -> RTPOConfig:
@@ -369,6 +415,27 @@ def validate(cfg: RTPOConfig) -> None:
     _check_choices(cfg)
     _check_signs(cfg)
     _check_ranges(cfg)
+    _check_lora(cfg.model.lora)
+
+
+def _check_lora(lc: LoraConfig) -> None:
+    """model.lora: the settings PEFT would otherwise reject deep inside model loading."""
+    if lc.r < 0:
+        raise ConfigError(f"model.lora.r = {lc.r} must be >= 0 (0 = no LoRA: full fine-tuning; 8 is a common rank)")
+    if lc.r == 0:
+        return
+    if lc.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha = {lc.alpha} must be > 0 (the adapter is scaled by alpha / r; "
+                          "common: 2 * r)")
+    if not 0 <= lc.dropout < 1:
+        raise ConfigError(f"model.lora.dropout = {lc.dropout} must be in [0, 1)")
+    _choice(lc.bias, ["none", "all", "lora_only"], "model.lora.bias")
+    for key, names in (("target_modules", lc.target_modules), ("modules_to_save", lc.modules_to_save)):
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ConfigError(f"model.lora.{key} = {names!r} must be module names, e.g. q_proj,k_proj,v_proj,o_proj")
+    if not lc.target_modules:
+        raise ConfigError("model.lora.target_modules is empty: name the linear layers to adapt, e.g. "
+                          "--model.lora.target_modules q_proj,k_proj,v_proj,o_proj (or set model.lora.r 0)")
 
 
 def _check_choices(cfg: RTPOConfig) -> None:
@@ -377,11 +444,16 @@ def _check_choices(cfg: RTPOConfig) -> None:
     from rtpo.losses import IMPORTANCE, LOSS_TYPES
 
     c = cfg
-    for sec, obj in _sections(c).items():  # "nan" / "inf" parse as floats and would poison the run
+    def finite(prefix, obj):  # "nan" / "inf" parse as floats and would poison the run
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{sec}.{f.name} = {v} must be a finite number")
+            if dataclasses.is_dataclass(v):
+                finite(f"{prefix}.{f.name}", v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{prefix}.{f.name} = {v} must be a finite number")
+
+    for sec, obj in _sections(c).items():
+        finite(sec, obj)
     _choice(c.loss.loss_type, sorted(LOSS_TYPES), "loss.loss_type")
     _choice(c.loss.scale_rewards, sorted(SCALE_REWARDS), "loss.scale_rewards")
     _choice(c.loss.importance, sorted(IMPORTANCE), "loss.importance")

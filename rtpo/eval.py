@@ -8,8 +8,8 @@
 CHECKPOINT is any of:
 - a checkpoint folder `<run>/checkpoints/step_N` (full weights; DeepSpeed runs save them too);
 - a run folder `<run>`: its newest complete checkpoint;
-- a PEFT adapter folder (`adapter_config.json`; needs `pip install -e ".[adapter]"`), merged into
-  its base model for evaluation;
+- a PEFT adapter folder (`adapter_config.json`; needs `pip install -e ".[lora]"`), merged into
+  its base model for evaluation: a LoRA run's checkpoints are such folders (its run folder works too);
 - anything `--model` accepts: `embedded`, `smollm2-135m`, a `.gguf` file, a hub name, a model folder
   (e.g. the "before RL" row: `python -m rtpo.eval smollm2-135m --preset smollm2`).
 
@@ -33,8 +33,6 @@ import os
 import sys
 import tempfile
 import time
-
-import torch
 
 from rtpo import checkpoint as ckpt
 from rtpo.config import ConfigError, RTPOConfig, apply_dict
@@ -85,7 +83,7 @@ def resolve_checkpoint(target: str, log=print) -> tuple:
             except (FileNotFoundError, getattr(ckpt, "CheckpointError", FileNotFoundError)) as e:
                 raise ConfigError(f"checkpoint {target!r}: {e}") from None
             log(f"[rtpo.eval] newest checkpoint of {target}: {path}")
-            return "checkpoint", path, _read_config(path)
+            return ("adapter" if os.path.isfile(os.path.join(path, ADAPTER_FILE)) else "checkpoint"), path, _read_config(path)
         if os.path.isdir(os.path.join(target, ckpt.CKPT_DIR)):
             raise ConfigError(f"checkpoint {target!r}: a run folder without a complete checkpoint")
         return "model", target, None
@@ -106,16 +104,11 @@ class Evaluator(Trainer):
     def _starting_model(self):
         if self.adapter is None:
             return super()._starting_model()
-        try:
-            from peft import AutoPeftModelForCausalLM
-        except ImportError:
-            raise ConfigError(f"{self.adapter} is a PEFT adapter: loading it needs peft: "
-                              'pip install -e ".[adapter]"') from None
+        from rtpo import lora
         from rtpo.models import load_tokenizer
 
-        with open(os.path.join(self.adapter, ADAPTER_FILE), encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
-        model = AutoPeftModelForCausalLM.from_pretrained(self.adapter, dtype=torch.float32).merge_and_unload()
+        model = lora.load_merged(self.adapter)  # its base: adapter_config.json's, or its run's base_model/
+        base = lora.resolve_base(self.adapter)[0]
         has_tok = any(os.path.isfile(os.path.join(self.adapter, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
         return model, load_tokenizer(self.adapter if has_tok or not base else base)
 
@@ -128,6 +121,7 @@ def build_config(target: str, argv: list, log=print) -> tuple:
     cfg.model.name = path  # an adapter's base model is named in its adapter_config.json
     if kind in ("checkpoint", "adapter"):
         cfg.warmstart.enabled = "false"  # trained weights: never warm-start them again
+    cfg.model.lora.r = 0  # an adapter is evaluated merged into its base: no fresh adapter on top
     # evaluation only: no reference model, no resume, nothing written to the run's folder
     cfg.loss.beta = 0.0
     cfg.run.resume = None

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from rtpo import checkpoint as ckpt, runlock
+from rtpo import checkpoint as ckpt, lora, runlock
 from rtpo.advantages import group_advantages, group_outcomes, zero_variance_fraction
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
 from rtpo.curriculum import Curriculum, dropout_rows
@@ -125,6 +125,9 @@ class Trainer:
             cfg.log.report_to = "none"
         with self.backend.main_first():  # local rank 0 loads first (downloads, caches), the others then hit the caches
             self._setup()
+        trainable, total = lora.param_counts(self.model)
+        self.log(f"[rtpo] {lora.describe(cfg.model.lora, self.model)}" if self.peft is not None
+                 else f"[rtpo] full fine-tuning: {trainable:,} trainable of {total:,} parameters")
         self.updates_per_step = cfg.loss.num_iterations * cfg.optim.mini_batches
         o = cfg.optim
         self.backend.prepare(self.model, self.ref, lr_lambda(o.lr_schedule, o.lr_warmup_steps,
@@ -167,11 +170,16 @@ class Trainer:
         self.eval_enc, self.eval_rows = self._encode(self.eval_rows, "eval")
         if self.resume_from is None:
             self.model = self._warmstarted(self.model)
+        self.peft = self._attach_lora() if lora.enabled(cfg) else None  # self.model stays the (adapted) HF model
         self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+            if self.peft is not None:  # frozen embeddings: checkpointed blocks need inputs that require grad
+                self.model.enable_input_require_grads()
         self.ref = None
-        if cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
+        if cfg.loss.beta > 0 and self.peft is not None:  # the base, i.e. the starting policy: adapters disabled
+            self.ref = lora.AdaptersOff(self.peft)
+        elif cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
             start = self.model if self.resume_from is None else self._warmstarted(self._starting_model()[0])
             self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
@@ -214,9 +222,51 @@ class Trainer:
             from transformers import AutoModelForCausalLM
 
             self.log(f"[rtpo] resuming from {self.resume_from}")
+            if lora.enabled(self.cfg) or lora.is_adapter(self.resume_from):
+                return self._lora_resume_base(), load_tokenizer(self.resume_from)
             model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
             return model, load_tokenizer(self.resume_from)
         return self._starting_model()
+
+    # --- LoRA (rtpo/lora.py) -----------------------------------------------------------------------
+    def _lora_resume_base(self):
+        """The frozen base a LoRA checkpoint was trained on (its adapter is loaded by _attach_lora)."""
+        r, has = self.cfg.model.lora.r, lora.is_adapter(self.resume_from)
+        if not has or not r:
+            raise ConfigError(f"run.resume: {self.resume_from} holds " + (
+                f"full weights, not a LoRA adapter, but model.lora.r = {r}; resume with --model.lora.r 0, or start a "
+                f"LoRA run from its weights with --model {self.resume_from}" if not has else
+                "a LoRA adapter but model.lora.r = 0; resume with the run's --model.lora settings"))
+        lora.check_matches(self.resume_from, self.cfg.model.lora)
+        self._lora_base = lora.resolve_base(self.resume_from)
+        return lora.load_base(self.resume_from)
+
+    def _attach_lora(self):
+        """Inject LoRA into self.model (frozen base, zero-initialised B); on resume, load the checkpoint's
+        adapter. Fresh run: the adapter config names the model's own folder or hub name if the base is that
+        model unchanged, else <run>/base_model, written at the first checkpoint (`_base_pending`)."""
+        c = self.cfg
+        if c.model.lora.bias != "none" and c.loss.beta > 0:
+            raise ConfigError(f"model.lora.bias = {c.model.lora.bias!r} trains the base model's biases, so the base with "
+                              "adapters disabled is no longer the starting policy that loss.beta's KL term needs; use "
+                              "--model.lora.bias none, or --loss.beta 0")
+        if self.resume_from:
+            (base, rev), self._base_pending = self._lora_base, None
+        else:
+            base = lora.base_source(c.model.name, changed=self._warmstart_enabled())
+            rev = c.model.revision if base is not None and not os.path.isdir(base) else None
+            self._base_pending = None
+            if base is None:
+                base = os.path.abspath(os.path.join(self.out, lora.BASE_DIR))
+        pm = lora.attach(self.model, c.model.lora, base, rev, seed=c.run.seed)
+        if self.resume_from:
+            lora.load_adapter_weights(pm, self.resume_from)
+        elif base == os.path.abspath(os.path.join(self.out, lora.BASE_DIR)):
+            # base tensors that train (biases with model.lora.bias != none), as they are before any update
+            trainable = {lora.base_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+            self._base_pending = {k: v.detach().clone() for k, v in lora.base_state_dict(self.model).items()
+                                  if k in trainable}
+        return pm
 
     def _starting_model(self):
         """(model, tokenizer) a fresh run starts from, before any warm-start."""
@@ -685,11 +735,18 @@ class Trainer:
         """Every process: its backend's shards; the main process: HF weights, tokenizer, trainer_state.pt."""
         tmp = self.comm.broadcast(tmp)  # the main process's temporary folder, from ckpt.save_checkpoint
         self.backend.save_shards(tmp)
-        with self.backend.full_weights():
+        base = self._base_pending if self.peft is not None else None  # LoRA, once per run: the base it names
+        with self.backend.full_weights(trainable_only=self.peft is not None and base is None):  # same on every process
             if self.comm.is_main:
-                self.model.save_pretrained(tmp)
+                if self.peft is None:
+                    self.model.save_pretrained(tmp)
+                else:
+                    if base is not None:
+                        lora.write_base(self.model, self.tok, os.path.join(self.out, lora.BASE_DIR), base)
+                    lora.save_adapter(self.peft, tmp)
                 self.tok.save_pretrained(tmp)
                 ckpt.save_state(tmp, self.state_dict())
+        self._base_pending = None
         self.comm.barrier()  # every shard is written before the main process fsyncs and renames the folder
 
     def save(self) -> str:

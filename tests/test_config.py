@@ -61,3 +61,24 @@ def test_roundtrip_through_dict():
     """to_dict -> apply_dict reproduces the config."""
     c = parse_args(["--lr", "3e-4", "--curriculum.milestones", "[0.5]", "--curriculum.values", "[0.1, 1.0]"])
     assert apply_dict(RTPOConfig(), c.to_dict()) == c
+
+
+def test_nested_lora_section_from_cli_files_and_saved_configs(tmp_path):
+    """model.lora is a nested section: --model.lora.r / --lora.r, YAML nesting and a saved config.json
+    all reach it; off (r = 0) by default; bad values name the nested key."""
+    c = parse_args(["--lora.r", "8", "--model.lora.alpha", "32", "--lora.target_modules", "q_proj,v_proj"])
+    assert (c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules) == (8, 32.0, ["q_proj", "v_proj"])
+    assert RTPOConfig().model.lora.r == 0 and c.to_dict()["model"]["lora"]["r"] == 8
+    assert apply_dict(RTPOConfig(), c.to_dict()) == c
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  lora:\n    r: 4\n    modules_to_save: [lm_head]\n")
+    assert parse_args(["--config", str(y)]).model.lora.modules_to_save == ["lm_head"]
+    for argv, match in [(["--lora.rank", "8"], r"unknown config key 'model.lora.rank'; model.lora has: r, alpha"),
+                        (["--lora.r", "-1"], r"model.lora.r = -1 must be >= 0"),
+                        (["--lora.r", "8", "--lora.dropout", "1"], r"model.lora.dropout = 1.0 must be in \[0, 1\)"),
+                        (["--lora.r", "8", "--lora.bias", "some"], r"model.lora.bias = 'some' is not one of"),
+                        (["--lora.r", "8", "--lora.alpha", "inf"], r"model.lora.alpha = inf must be a finite number"),
+                        (["--lora.r", "8", "--lora.target_modules", "[]"], r"model.lora.target_modules is empty"),
+                        (["--model.lora", "8"], r"config key 'model.lora' is a section: set its keys")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_args(argv)

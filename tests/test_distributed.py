@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_args
 
@@ -251,6 +252,8 @@ def max_differences(one, many, step):
             if x.get(k) is not None or y.get(k) is not None:
                 metric = max(metric, abs(x[k] - y[k]))
     ck = f"checkpoints/step_{step:06d}/model.safetensors"
+    if os.path.isfile(os.path.join(one, ck.replace("model.", "adapter_model."))):  # LoRA: the adapter's weights
+        ck = ck.replace("model.", "adapter_model.")
     wa, wb = load_file(os.path.join(one, ck)), load_file(os.path.join(many, ck))
     assert wa.keys() == wb.keys()
     weight = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
@@ -281,9 +284,10 @@ def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
-def only_rank0_outputs(run):
+def only_rank0_outputs(run, lora=False):
     """The run folder holds one set of outputs (rank 0's); ranks > 0 wrote none of theirs there."""
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "samples.jsonl", "summary.json"]
+    assert sorted(os.listdir(run)) == ["base_model"] * lora + ["checkpoints", "config.json", "metrics.jsonl",
+                                                               "samples.jsonl", "summary.json"]
 
 
 def cpu_adam_built() -> bool:
@@ -309,6 +313,10 @@ SCENARIOS = {
     # RTPO's adaptive hints: per-example keeps (gathered from every process), hint dropout, hint loss
     "zero1_hints": (["--curriculum.per_example", "true", "--curriculum.per_example_step", "0.5",
                      "--curriculum.hint_dropout", "0.34", "--loss.hint_loss", "0.5"], "zero1", 3),
+    # LoRA: only the adapters in the optimizer; beta > 0 with the reference = the policy with adapters
+    # disabled (no reference engine); ZeRO-3 partitions the frozen base too; 2 passes (old log-probs)
+    "zero2_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"], "zero2", 3),
+    "zero3_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2", "--loss.num_iterations", "2"], "zero3", 3),
 }
 
 
@@ -329,7 +337,7 @@ def worker(tmp_path_factory):
             continue
         single(tiny(base / f"{name}-1proc", cache, *extra))  # first: fills the warm-start cache the processes share
         argv = tiny(base / name, cache, *extra, "--deepspeed", CONFIGS[ds])
-        if name == "zero2":  # rank 1 alone is sent SIGTERM during step 1; then a resume
+        if name in ("zero2", "zero2_lora", "zero3_lora"):  # rank 1 alone is sent SIGTERM during step 1; then a resume
             runs += [{"argv": argv, "sigterm_rank1_at_step": 1}, {"argv": argv + ["--resume", "auto"]}]
         elif name == "zero3":
             runs.append({"argv": argv, "probe_decode": str(base / "zero3-decode-collectives.json")})
@@ -351,7 +359,8 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     process without DeepSpeed on the same global batch and seed, within 1e-5: prompt sharding, exact
     group statistics, global loss normalisers, DeepSpeed's clipping and AdamW. The ZeRO-2 run was
     stopped by a SIGTERM that reached rank 1 only (both processes stop and save at the same step) and
-    resumed from its DeepSpeed checkpoint, so signal agreement and resume are exact too."""
+    resumed from its DeepSpeed checkpoint, so signal agreement and resume are exact too. With LoRA (ZeRO-2 and
+    ZeRO-3, both stopped and resumed the same way) the adapters and the base written for them agree too."""
     worker, summaries = worker
     if not (worker / name).exists():
         pytest.skip(f"{name}: DeepSpeed's CPU Adam op is not built (a JIT compile of minutes on first use); "
@@ -360,13 +369,18 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     metric, weight = max_differences(worker / f"{name}-1proc", worker / name, steps)
     print(f"{name}: max |metric diff| {metric:.3g}, max |weight diff| {weight:.3g}")
     assert metric < TOL and weight < TOL
-    only_rank0_outputs(worker / name)
+    only_rank0_outputs(worker / name, lora="lora" in name)
+    if "lora" in name:  # the base the adapter names was written once, gathered, before any update: the same
+        from safetensors.torch import load_file
+
+        wa, wb = (load_file(worker / n / "base_model" / "model.safetensors") for n in (f"{name}-1proc", name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ck = worker / name / "checkpoints" / f"step_{steps:06d}"
     shards = sorted(p.name for p in (ck / "deepspeed" / "state").iterdir() if "optim_states" in p.name)
     assert len(shards) == 2, shards  # one ZeRO optimizer shard per process
-    if name == "zero2":
-        assert summaries["zero2"]["stopped"] == "SIGTERM" and summaries["zero2"]["steps"] == 2
-        assert summaries["zero2+resume"]["steps"] == 4
+    if name in ("zero2", "zero2_lora", "zero3_lora"):
+        assert summaries[name]["stopped"] == "SIGTERM" and summaries[name]["steps"] == 2
+        assert summaries[f"{name}+resume"]["steps"] == steps
 
 
 @pytest.mark.slow
@@ -378,12 +392,14 @@ def test_zero3_generation_gathers_once_not_per_token(worker):
 
 
 @pytest.mark.slow
-def test_ddp_under_torchrun_without_deepspeed(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ddp_under_torchrun_without_deepspeed(tmp_path, lora):
     """`torchrun --nproc_per_node 2 train.py` without --run.deepspeed trains with DDP, and runs even
     where DeepSpeed cannot be imported; 2 processes equal 1 process within 1e-5 (grpo loss, 2 micro
-    batches per update: gradient sync only on the last one)."""
+    batches per update: gradient sync only on the last one). With LoRA: DDP syncs the adapters only,
+    the reference (beta > 0) is the policy with adapters disabled."""
     cache = tmp_path / "cache"
-    extra = ["--loss.loss_type", "grpo"]
+    extra = ["--loss.loss_type", "grpo"] + (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"] if lora else [])
     single(tiny(tmp_path / "one", cache, *extra))
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -396,7 +412,7 @@ def test_ddp_under_torchrun_without_deepspeed(tmp_path):
     metric, weight = max_differences(tmp_path / "one", tmp_path / "ddp", 3)
     print(f"ddp: max |metric diff| {metric:.3g}, max |weight diff| {weight:.3g}")
     assert metric < TOL and weight < TOL
-    only_rank0_outputs(tmp_path / "ddp")
+    only_rank0_outputs(tmp_path / "ddp", lora=lora)
 
 
 @pytest.mark.slow

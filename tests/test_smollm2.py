@@ -260,3 +260,68 @@ def test_smollm2_think_preset_is_smollm2_plus_a_format_warmstart():
     think = apply_preset(RTPOConfig(), "smollm2-think", cuda=False).validate().to_dict()
     assert think["warmstart"]["enabled"] == "true" and think["warmstart"]["reasoning_fraction"] == 1.0
     assert {k: v for k, v in think.items() if k != "warmstart"} == {k: v for k, v in base.items() if k != "warmstart"}
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason='needs peft: pip install -e ".[lora]"')
+def test_lora_on_the_real_model(smollm2_dir, smollm2, tmp_path):
+    """LoRA r = 8 on q/k/v/o (the original work's setting) on SmolLM2: the zero-initialised adapter
+    decodes greedily exactly as the base model; only the adapters are trainable and in the optimizer,
+    and one RL step changes only them (every base weight bit-identical to the loaded model's); the
+    reference log-probs (adapters disabled) equal the base model's; the checkpoint is an adapter whose
+    adapter_config.json names the converted base folder (no copy written), and
+    PeftModel.from_pretrained(base, checkpoint) computes the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rtpo import lora
+    from rtpo.generation import SamplingConfig, generate
+    from rtpo.logprobs import collate, completion_logprobs
+    from rtpo.trainer import Trainer
+
+    base_model, _ = smollm2
+    base_model.eval()
+    cfg = parse_args(["--preset", "smollm2", "--rollout.prompts_per_step", "2", "--G", "4", "--lora.r", "8",
+                      "--lora.alpha", "16", "--loss.beta", "0.05", "--lr", "1e-3", "--rollout.max_new_tokens", "16",
+                      "--data.synthetic_size", "40", "--data.num_eval", "4", "--eval.num_examples", "0",
+                      "--log.progress", "false", "--run.output_dir", str(tmp_path), "--rewards.length_penalty", "0.5",
+                      "--run.device", "cpu", "--run.num_threads", "1"])
+    logs = []
+    tr = Trainer(cfg, log=logs.append)
+    assert any("LoRA r=8, alpha=16 on q_proj,k_proj,v_proj,o_proj: " in m and "921,600 trainable" in m for m in logs), logs
+    prompts = [tr.builder.build(e, 0.0)[0] for e in tr.eval_enc[:2]]
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=tr.eos_ids, pad_token_id=tr.tok.pad_token_id)
+    assert generate(tr.model, prompts, sampling, tokenizer=tr.tok).completions == \
+        generate(base_model, prompts, sampling, tokenizer=tr.tok).completions
+    trainable = {id(p) for p in tr.model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in tr.backend.optimizer.param_groups for p in g["params"]}
+    assert trainable == {id(p) for n, p in tr.model.named_parameters() if "lora_" in n}
+    ro = tr.rollout(0)
+    sc = tr.score(ro)
+    assert sc.advantages.abs().sum() > 0
+    stats = tr.update(ro, sc)
+    assert stats["skipped_updates"] == 0 and stats["grad_norm"] > 0
+    ref_params = dict(base_model.named_parameters())
+    for n, p in tr.model.named_parameters():
+        if "lora_" in n:
+            assert "lora_A" in n or p.abs().sum() > 0, n  # every B moved off zero
+        else:
+            assert torch.equal(p, ref_params[lora.base_name(n)]), n
+    batch = collate(ro.prompts[:4], ro.completions[:4], tr.tok.pad_token_id)
+    with torch.no_grad():
+        ref, _ = tr.backend.logprobs(batch, ref=True, with_entropy=False)
+        base, _ = completion_logprobs(base_model, batch, with_entropy=False)
+        pol, _ = tr.backend.logprobs(batch, with_entropy=False)
+    assert torch.equal(ref, base) and not torch.equal(pol, base)
+    tr.step = 1
+    path = tr.save()
+    ac = json.load(open(os.path.join(path, lora.ADAPTER_CONFIG)))
+    assert ac["base_model_name_or_path"] == os.path.abspath(smollm2_dir) and not (tmp_path / lora.BASE_DIR).exists()
+    assert os.path.getsize(os.path.join(path, lora.ADAPTER_WEIGHTS)) < 5e6  # the adapter, not the model
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ac["base_model_name_or_path"],
+                                                                            dtype=torch.float32), path).eval()
+    tr.model.eval()
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, tr.model(input_ids=ids).logits)

@@ -12,6 +12,7 @@ from rtpo.checkpoint import DS_DIR, deepspeed_checkpoint_message
 from rtpo.comm import Comm
 from rtpo.config import ConfigError
 from rtpo.logprobs import completion_logprobs
+from rtpo.lora import AdaptersOff
 
 
 class Backend:
@@ -22,7 +23,8 @@ class Backend:
     - `logprobs(batch, ref=False)`: per-token log-probs (and entropies) of the policy or the reference.
     - `backward(loss)` per micro batch; `step(loss_finite)` at the end of an update: the grad norm,
       NaN when the update was skipped (non-finite loss or gradients: nothing changed).
-    - `generation()`: held around a phase of generation; `full_weights()`: around saving weights.
+    - `generation()`: held around a phase of generation; `full_weights(trainable_only)`: around saving
+      weights (all of them, or the trainable ones: a LoRA adapter).
     - `state_dict()` / `load_state_dict()`: optimizer and schedule state for trainer_state.pt;
       `save_shards(folder)` / `load_shards(folder)`: what a strategy keeps beside it (ZeRO shards).
     """
@@ -61,7 +63,7 @@ class Backend:
     def generation(self):
         return contextlib.nullcontext()
 
-    def full_weights(self):
+    def full_weights(self, trainable_only: bool = False):
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
@@ -86,11 +88,16 @@ class LocalBackend(Backend):
     def prepare(self, model, ref, lr_fn) -> None:
         o = self.cfg.optim
         self.model, self.ref = model, ref
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        # trainable parameters only: with LoRA the frozen base holds no optimizer state
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
 
     def logprobs(self, batch, ref=False, with_entropy=True):
+        if ref and isinstance(self.ref, AdaptersOff):  # LoRA: the reference is the policy with adapters off
+            with self.ref.off():
+                return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
         return completion_logprobs(self.ref if ref else self.model, batch, self.cfg.rollout.temperature,
                                    with_entropy=with_entropy)
 
@@ -102,7 +109,7 @@ class LocalBackend(Backend):
 
     def step(self, loss_finite: bool) -> float:
         mgn = self.cfg.optim.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), mgn if mgn > 0 else float("inf")))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, mgn if mgn > 0 else float("inf")))
         if loss_finite and math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()

@@ -26,6 +26,7 @@ from rtpo.distributed import (BATCH_KEYS, DS_TAG, LogprobModule, check_boundary,
                               micro_batches_per_update, place, reference_ds_config, resolve_ds_config,
                               world_size, zero_stage)
 from rtpo.logprobs import completion_logprobs
+from rtpo.lora import AdaptersOff
 
 
 class DeepSpeedBackend(Backend):
@@ -66,7 +67,7 @@ class DeepSpeedBackend(Backend):
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-        if ref is not None and self.stage == 3:
+        if ref is not None and self.stage == 3 and not isinstance(ref, AdaptersOff):
             self.ref_engine = deepspeed.initialize(model=self._logprob_module(ref),
                                                    config=reference_ds_config(self.ds_config))[0]
             self.ref_engine.eval()
@@ -83,6 +84,9 @@ class DeepSpeedBackend(Backend):
         return module
 
     def logprobs(self, batch, ref=False, with_entropy=True):
+        if ref and isinstance(self.ref, AdaptersOff):  # LoRA: the policy's engine with its adapters off
+            with self.ref.off():
+                return self.engine(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
         engine = self.ref_engine if ref else self.engine
         if engine is None:
             return completion_logprobs(self.ref, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
@@ -112,11 +116,13 @@ class DeepSpeedBackend(Backend):
             yield
 
     @contextlib.contextmanager
-    def full_weights(self):
+    def full_weights(self, trainable_only: bool = False):
         if self.stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            # trainable_only (a LoRA adapter): the frozen base stays partitioned, not gathered on every save
+            params = [p for p in self.model.parameters() if p.requires_grad or not trainable_only]
+            with deepspeed.zero.GatheredParameters(params):
                 yield
         else:
             yield
@@ -128,7 +134,9 @@ class DeepSpeedBackend(Backend):
         self.scheduler.load_state_dict(st["scheduler"])  # the optimizer's state came with the shards
 
     def save_shards(self, folder) -> None:
-        self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=False)
+        # LoRA: the frozen base is not written into every checkpoint (it is reloaded from base_model/ or its source)
+        self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.model.lora.r > 0)
 
     def load_shards(self, path: str) -> None:
         if not os.path.isdir(os.path.join(path, DS_DIR)):
@@ -142,6 +150,7 @@ class DeepSpeedBackend(Backend):
                               "re-partition it; its universal-checkpoint tools can convert it), or start a new run "
                               f"from its weights with --model {path}")
         loaded, _ = self.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True,
+                                                load_module_strict=self.cfg.model.lora.r == 0)  # LoRA: no frozen base
         if loaded is None:
             raise ConfigError(f"run.resume: DeepSpeed could not load {os.path.join(path, DS_DIR)}")
