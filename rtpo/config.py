@@ -163,6 +163,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16      # sequences per forward/backward; gradients accumulate to the step
     mini_batches: int = 1           # optimizer updates per pass over a rollout batch
+    packing: bool = True            # log-prob passes on packed rows (no padding per completion), where the model allows
+    share_prefix: bool = True       # packed: each distinct prompt encoded once per micro batch, its completions attend to it
 
 
 @dataclass
@@ -463,6 +465,9 @@ def _check_ranges(c: RTPOConfig) -> None:
         raise ConfigError(f"curriculum.milestones must be increasing, got {m}")
     if c.warmstart.max_operands != 0 and c.warmstart.max_operands < 2:
         raise ConfigError(f"warmstart.max_operands = {c.warmstart.max_operands}: use 0 (as data.max_operands) or >= 2")
+    if c.optim.share_prefix and not c.optim.packing:
+        raise ConfigError("optim.share_prefix = true needs optim.packing = true (the shared prompt lives in the packed "
+                          "layout); pass --optim.share_prefix false as well for the padded layout")
     if c.data.modulus == 1:
         raise ConfigError("data.modulus = 1 makes every answer 0; use 0 (plain integers) or >= 2")
     if c.data.min_operands < 2 or c.data.max_operands < c.data.min_operands:

@@ -25,7 +25,7 @@ from rtpo.curriculum import Curriculum, dropout_rows
 from rtpo.prompts import PromptBuilder, PromptTooLong
 from rtpo.data import load_splits, warmstart_rows
 from rtpo.generation import SamplingConfig, draw_uniforms, generate
-from rtpo.logprobs import collate
+from rtpo.logprobs import make_batch
 from rtpo.losses import hint_nll, policy_loss
 from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
@@ -447,12 +447,18 @@ class Trainer:
         m = self.cfg.optim.micro_batch_size
         return [rows[i:i + m] for i in range(0, len(rows), m)]
 
+    def _batch(self, prompts: list, completions: list) -> dict:
+        """The log-prob batch of these rows: packed, each distinct prompt once (optim.packing / share_prefix),
+        or padded where the model cannot take a packed batch (rtpo.logprobs.make_batch)."""
+        o = self.cfg.optim
+        return make_batch(self.model, prompts, completions, self.tok.pad_token_id, self.device, packing=o.packing,
+                          share_prefix=o.share_prefix)
+
     @torch.no_grad()
     def _logprobs_no_grad(self, ro, micro, ref=False):
         out = []
         for mb in micro:
-            batch = collate([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb], self.tok.pad_token_id,
-                            self.device)
+            batch = self._batch([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb])
             with self._autocast():
                 lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
             out.append(lp.float())
@@ -501,8 +507,7 @@ class Trainer:
         enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
         comps = [ro.completions[i] for i in rows]
-        batch = collate([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
-                        self.device)
+        batch = self._batch([ro.prompts[i] for i in rows] + hint[0], comps + hint[1])
         with self._autocast():
             logp_all, ent_all = self.backend.logprobs(batch)
         T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
