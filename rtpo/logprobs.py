@@ -205,3 +205,46 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     return linear_logprobs(hidden, head.weight, batch["completion_ids"], getattr(head, "bias", None),
                            temperature=temperature, mask=mask, return_entropy=with_entropy)
 
+
+
+# ----------------------------------------------------------------------------- micro batches by tokens
+
+def row_tokens(prompts: list, completions: list, rows: list, share_prefix: bool = True) -> list:
+    """What each of `rows` (in order) adds to a packed batch: its completion, plus its prompt unless
+    the previous row has the same prompt (a group's rows are consecutive, so they share it)."""
+    out, prev = [], None
+    for i in rows:
+        p = prompts[i]
+        shared = share_prefix and prev is not None and (p is prev or p == prev)
+        out.append(len(completions[i]) + (0 if shared else len(p)))
+        prev = p
+    return out
+
+
+def split_by_tokens(rows: list, costs: list, budget: int) -> list:
+    """Consecutive runs of `rows` of at most `budget` tokens each (a row over budget goes alone)."""
+    out, cur, used = [], [], 0
+    for i, c in zip(rows, costs):
+        if cur and used + c > budget:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += c
+    return out + [cur] if cur else out
+
+
+def split_even(rows: list, costs: list, parts: int) -> list:
+    """Exactly `parts` (<= len(rows)) consecutive runs of `rows`, the largest run's tokens as small as the
+    consecutive order allows: the smallest budget that `split_by_tokens` fits into at most `parts` runs,
+    then the runs with most rows halved until there are `parts`."""
+    if not 0 < parts <= len(rows):
+        raise ValueError(f"split_even: cannot cut {len(rows)} rows into {parts} non-empty runs")
+    lo, hi = max(costs), sum(costs)
+    while lo < hi:  # the number of runs falls as the budget grows
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(split_by_tokens(rows, costs, mid)) <= parts else (mid + 1, hi)
+    runs = split_by_tokens(rows, costs, lo)
+    while len(runs) < parts:
+        k = max(range(len(runs)), key=lambda j: len(runs[j]))
+        runs[k:k + 1] = [runs[k][:len(runs[k]) // 2], runs[k][len(runs[k]) // 2:]]
+    return runs

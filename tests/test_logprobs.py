@@ -13,7 +13,8 @@ import torch
 
 from rtpo.config import ConfigError, RTPOConfig
 from rtpo.embedded import build_model, build_tokenizer
-from rtpo.logprobs import collate, completion_logprobs, make_batch, pack, packing_problem
+from rtpo.logprobs import (collate, completion_logprobs, make_batch, pack, packing_problem, row_tokens,
+                           split_by_tokens, split_even)
 from rtpo.losses import policy_loss
 
 G = 4
@@ -204,3 +205,29 @@ def test_share_prefix_needs_packing():
         cfg.validate()
     cfg.optim.share_prefix = False
     cfg.validate()
+
+
+def test_row_tokens_count_a_shared_prompt_once_per_run_of_rows():
+    p, q = [1, 2, 3], [4, 5]
+    prompts, comps = [p, p, q, q, p], [[9] * 2, [9] * 4, [], [9], [9]]
+    assert row_tokens(prompts, comps, [0, 1, 2, 3, 4]) == [5, 4, 2, 1, 4]
+    assert row_tokens(prompts, comps, [1, 3]) == [7, 3]
+    assert row_tokens(prompts, comps, [0, 1, 2], share_prefix=False) == [5, 7, 2]
+
+
+def test_split_by_tokens_keeps_each_run_under_budget():
+    rows, costs = list(range(7)), [3, 3, 3, 9, 1, 1, 4]
+    assert split_by_tokens(rows, costs, 6) == [[0, 1], [2], [3], [4, 5, 6]]  # row 3 is over budget: alone
+    assert split_by_tokens(rows, costs, 100) == [rows]
+    assert split_by_tokens([], [], 5) == []
+
+
+def test_split_even_gives_exactly_the_asked_runs_with_the_smallest_largest_run():
+    rows, costs = list(range(6)), [8, 1, 1, 1, 1, 8]
+    runs = split_even(rows, costs, 3)
+    assert runs == [[0], [1, 2, 3, 4], [5]]
+    assert split_even(rows, [1] * 6, 6) == [[i] for i in rows]
+    assert [len(r) for r in split_even(rows, [5] + [0] * 5, 4)] == [1, 2, 1, 2]  # halved by rows to reach 4
+    assert sum(split_even(rows, costs, 2), []) == rows
+    with pytest.raises(ValueError, match="7 non-empty runs"):
+        split_even(rows, costs, 7)

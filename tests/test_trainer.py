@@ -11,6 +11,7 @@ import torch
 
 from rtpo.checkpoint import list_checkpoints
 from rtpo.cli import parse_args
+from rtpo.logprobs import row_tokens
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
@@ -224,3 +225,31 @@ def test_packed_update_equals_the_padded_update(tmp_path):
             assert max((g[k] - r[k]).abs().max().item() for k in g) <= 1e-5, key
         for name in ("loss", "hint_nll", "kl", "entropy", "clip_frac"):
             assert abs(m[name] - ref_m[name]) <= 1e-5, (key, name)
+
+
+def test_token_budget_micro_batches_leave_the_update_unchanged(tmp_path):
+    """optim.micro_batch_tokens cuts the rows where the tokens run out instead of every micro_batch_size rows:
+    the normalisers are the whole batch's, so the gradients and metrics stay those of the row-count split
+    (1e-5); under a backend with a fixed accumulation count it makes exactly that many micro batches."""
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--loss.hint_loss", "0.5", "--curriculum.schedule",
+                               "constant", "--curriculum.value", "0.6", "--rollout.prompts_per_step", "3",
+                               "--rollout.max_new_tokens", "10", "--loss.loss_type", "grpo"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    ro.completions = [c[:1 + (3 * i) % len(c)] for i, c in enumerate(ro.completions)]
+    ref_grads, ref_m = update_grads(t, ro, sc)
+    rows, counts = list(range(len(ro))), set()
+    assert len(t._micro_batches(ro, rows)) == 3  # 9 rows, 4 per micro batch
+    for budget in (30, 80):
+        t.cfg.optim.micro_batch_tokens = budget
+        micro = t._micro_batches(ro, rows)
+        costs = dict(zip(rows, row_tokens(ro.prompts, ro.completions, rows)))
+        assert sum(micro, []) == rows and all(len(mb) == 1 or sum(costs[i] for i in mb) <= budget for mb in micro)
+        counts.add(len(micro))
+        (grads,), m = update_grads(t, ro, sc)
+        assert max((grads[k] - ref_grads[0][k]).abs().max().item() for k in grads) <= 1e-5, budget
+        assert all(abs(m[k] - ref_m[k]) <= 1e-5 for k in ("loss", "hint_nll", "entropy", "clip_frac"))
+    assert counts - {3}  # other cuts than the row count's
+    t.backend.gas = 2  # as DDP / DeepSpeed: the count is fixed
+    assert len(t._micro_batches(ro, rows)) == 2
