@@ -9,7 +9,8 @@ Two batch layouts, the same [B, T] outputs:
 - `collate` (padded): one row per completion, [left-padded prompt | right-padded completion]. Every
   row costs the longest prompt plus the longest completion of the batch.
 - `pack` (packed, prompt shared): one tree per distinct prompt, [prompt | completion 1 | ... |
-  completion m], its m completions attending to that one copy of the prompt (a 4D attention mask:
+  completion m] (each completion without its last token, which only predicts past the end), its m
+  completions attending to that one copy of the prompt (a 4D attention mask:
   a completion token sees the prompt and its own earlier tokens, never another completion), trees
   laid end to end in rows no longer than the longest tree. The prompt is encoded once per micro
   batch instead of once per completion, its gradient flows back once, and no row carries padding
@@ -87,15 +88,20 @@ def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_pr
     """The packed layout (module docstring). input_ids/position_ids [R, L]; attention_mask [R, 1, L, L]
     bool (True: may attend); gather_index [B, T]: for completion token t of row b, the flat index into
     the [R * L] positions of the hidden state that predicts it (the prompt's last position for t = 0);
-    completion_ids/completion_mask [B, T] as in `collate`. `model_kwargs` go to the model's forward
-    unchanged (extra prompt inputs). Every prompt must hold at least one token."""
+    completion_ids/completion_mask [B, T] as in `collate`; prompt_order: the first row of each distinct
+    prompt, in the order the prompts appear in the flattened [R * L] positions. `model_kwargs` go to the
+    model's forward unchanged: extra prompt inputs (e.g. a vision model's pixel values, which the caller
+    orders by prompt_order; `keys` then tells which prompts are the same). Every prompt must hold at least
+    one token."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("pack: every prompt needs at least one token (its last position predicts the first "
                          "completion token)")
     B = len(prompts)
     T = max(max((len(c) for c in completions), default=0), 1)
     trees = _trees(prompts, share_prefix, keys)
-    sizes = [len(p) + sum(len(completions[i]) for i in rows) for p, rows in trees]
+    # a completion's last token is left out of the rows: nothing attends to it but itself and its output
+    # predicts nothing, so each completion takes len - 1 positions
+    sizes = [len(p) + sum(max(len(completions[i]) - 1, 0) for i in rows) for p, rows in trees]
     place, R, L = _first_fit(sizes)
     ids = np.full((R, L), pad_id, dtype=np.int64)
     pos = np.zeros((R, L), dtype=np.int64)
@@ -113,11 +119,12 @@ def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_pr
             c, n = completions[i], len(completions[i])
             if not n:
                 continue
-            ids[r, cur:cur + n], pos[r, cur:cur + n], tree[r, cur:cur + n], seg[r, cur:cur + n] = c, np.arange(P, P + n), t, s
+            k = n - 1  # positions taken: all but the last token
+            ids[r, cur:cur + k], pos[r, cur:cur + k], tree[r, cur:cur + k], seg[r, cur:cur + k] = c[:k], np.arange(P, P + k), t, s
             gather[i, 0] = r * L + o + P - 1
-            gather[i, 1:n] = r * L + cur + np.arange(n - 1)
+            gather[i, 1:n] = r * L + cur + np.arange(k)
             cids[i, :n], cmask[i, :n] = c, 1
-            cur += n
+            cur += k
     tree_t, seg_t = torch.from_numpy(tree), torch.from_numpy(seg)
     same_tree = (tree_t[:, :, None] == tree_t[:, None, :]) & (tree_t[:, :, None] >= 0)
     visible = (seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])  # the prompt, or its own tokens
@@ -129,6 +136,7 @@ def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_pr
            "completion_mask": torch.from_numpy(cmask)}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
+    out["prompt_order"] = [trees[t][1][0] for t in sorted(range(len(trees)), key=lambda t: place[t])]
     if model_kwargs:
         out["model_kwargs"] = model_kwargs
     return out
@@ -168,9 +176,15 @@ def _has_custom_head(model) -> bool:
 
 def _packed_inputs(model, batch: dict) -> dict:
     attn = batch["attention_mask"]
-    if getattr(model.config, "_attn_implementation", "eager") == "eager":  # eager adds the mask to the scores
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl == "eager":  # eager adds the mask to the scores
         attn = torch.zeros(attn.shape, dtype=torch.float32, device=attn.device).masked_fill(
             ~attn, torch.finfo(torch.float32).min)
+    elif not torch.is_autocast_enabled(attn.device.type):
+        # SDPA's CPU flash kernel runs about 15% faster with an additive mask than a boolean one (measured,
+        # fwd + bwd); it must have the query's dtype, which autocast would change: autocast keeps the bool mask
+        dtype = model.get_input_embeddings().weight.dtype
+        attn = torch.zeros(attn.shape, dtype=dtype, device=attn.device).masked_fill(~attn, torch.finfo(dtype).min)
     return {"input_ids": batch["input_ids"], "attention_mask": attn, "position_ids": batch["position_ids"],
             **batch.get("model_kwargs", {})}
 

@@ -159,23 +159,27 @@ def test_padding_never_reaches_the_outputs(tok):
 def test_pack_shares_each_prompt_and_lays_trees_end_to_end():
     """Layout: one copy of each distinct prompt; a completion sees its prompt and its own earlier tokens, never
     another completion or another tree; positions restart at len(prompt) for each completion; the first
-    completion token is predicted from the prompt's last position."""
-    prompts = [[1, 2, 3]] * 2 + [[4, 5]]
-    comps = [[6, 7], [8], [9, 10, 11]]
+    completion token is predicted from the prompt's last position; a completion's last token takes no
+    position (it predicts nothing and nothing else sees it)."""
+    prompts = [[1, 2, 3]] * 2 + [[4, 5]] + [[7]]
+    comps = [[6, 7], [8, 13], [9, 10, 11, 12], [14]]
     b = pack(prompts, comps, 0)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 6, 7, 8], [4, 5, 9, 10, 11, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 4, 0]]
+    assert b["input_ids"].tolist() == [[1, 2, 3, 6, 8], [4, 5, 9, 10, 11], [7, 0, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
     m = b["attention_mask"][:, 0]
-    assert m[0, 5].tolist() == [True, True, True, False, False, True]   # token 8 sees the prompt, not 6, 7
-    assert m[0, 4].tolist() == [True, True, True, True, True, False]
-    assert m[1, 5].tolist() == [False] * 5 + [True]                     # padding: itself only
+    assert m[0, 4].tolist() == [True, True, True, False, True]   # token 8 sees the prompt and itself, not 6
+    assert m[0, 3].tolist() == [True, True, True, True, False]
+    assert m[0, 2].tolist() == [True, True, True, False, False]  # the prompt is causal
+    assert m[2, 1].tolist() == [False, True, False, False, False]  # padding: itself only
+    assert b["gather_index"].tolist() == [[2, 3, 0, 0], [2, 4, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
     flat = b["input_ids"].reshape(-1)
-    assert b["gather_index"][0, :2].tolist() == [2, 3] and b["gather_index"][1, :1].tolist() == [2]
-    assert b["gather_index"][2].tolist() == [6 + 1, 6 + 2, 6 + 3]
-    assert flat[b["gather_index"][2]].tolist() == [5, 9, 10]  # each token is predicted by the one before it
-    assert b["completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert flat[b["gather_index"][2]].tolist() == [5, 9, 10, 11]  # each token is predicted by the one before it
+    assert b["completion_ids"].tolist() == [[6, 7, 0, 0], [8, 13, 0, 0], [9, 10, 11, 12], [14, 0, 0, 0]]
+    assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert b["prompt_order"] == [0, 2, 3]
+    assert pack([[7]] + prompts[:3], [[14]] + comps[:3], 0)["prompt_order"] == [1, 3, 0]  # longest trees first
     unshared = pack(prompts, comps, 0, share_prefix=False)
-    assert int((unshared["input_ids"] != 0).sum()) == 3 + 2 + 3 + 1 + 2 + 3  # the prompt copied per row
+    assert int((unshared["input_ids"] != 0).sum()) == (3 + 1) + (3 + 1) + (2 + 3) + 1  # the prompt copied per row
     with pytest.raises(ValueError, match="at least one token"):
         pack([[]], [[1]], 0)
 
