@@ -20,6 +20,8 @@ Two batch layouts, the same [B, T] outputs:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -67,6 +69,27 @@ def _trees(prompts: list, share_prefix: bool, keys) -> list:
     return list(trees.values())
 
 
+def tree_completions(prompt_len: int, mean_completion: float, hidden_size: int) -> int:
+    """How many completions one tree should hold so that the FLOPs per completion are smallest. A tree
+    of m completions of length T after a prompt of length P costs about a(P + mT) in its matmuls and
+    b(P + mT)^2 in attention, which is dense over the tree (a completion's block against the other
+    completions is computed, then masked); per completion that is least at m* = sqrt(P (a/b + P)) / T,
+    with a/b = 6 H for a transformer layer (24 H^2 matmul FLOPs per token, 4 H per query-key pair).
+    Long prompts (RTPO's hints) share across the whole group; long completions get smaller trees."""
+    return max(1, round(math.sqrt(prompt_len * (6 * hidden_size + prompt_len)) / max(mean_completion, 1.0)))
+
+
+def _split_trees(trees: list, completions: list, hidden_size: int) -> list:
+    """Each tree cut into ceil(m / m*) trees of consecutive completions as even as possible (the prompt
+    copied into each), m* from `tree_completions`."""
+    out = []
+    for p, rows in trees:
+        m = tree_completions(len(p), sum(len(completions[i]) for i in rows) / len(rows), hidden_size)
+        k = -(-len(rows) // m)
+        out += [(p, list(part)) for part in np.array_split(np.asarray(rows), k)]
+    return [(p, [int(i) for i in rows]) for p, rows in out]
+
+
 def _first_fit(sizes: list) -> tuple:
     """Trees laid end to end into rows of the longest tree's length, first fit by decreasing size:
     ([(row, offset)] per tree, number of rows, row length)."""
@@ -84,21 +107,25 @@ def _first_fit(sizes: list) -> tuple:
 
 
 def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_prefix: bool = True, keys=None,
-         model_kwargs: dict | None = None) -> dict:
+         model_kwargs: dict | None = None, hidden_size: int | None = None) -> dict:
     """The packed layout (module docstring). input_ids/position_ids [R, L]; attention_mask [R, 1, L, L]
     bool (True: may attend); gather_index [B, T]: for completion token t of row b, the flat index into
     the [R * L] positions of the hidden state that predicts it (the prompt's last position for t = 0);
-    completion_ids/completion_mask [B, T] as in `collate`; prompt_order: the first row of each distinct
-    prompt, in the order the prompts appear in the flattened [R * L] positions. `model_kwargs` go to the
+    completion_ids/completion_mask [B, T] as in `collate`; prompt_order: the first row of each tree (one
+    per distinct prompt, or more with `hidden_size`), in the order the trees' prompts appear in the
+    flattened [R * L] positions. `model_kwargs` go to the
     model's forward unchanged: extra prompt inputs (e.g. a vision model's pixel values, which the caller
     orders by prompt_order; `keys` then tells which prompts are the same). Every prompt must hold at least
-    one token."""
+    one token. With `hidden_size` (the model's), a group whose completions are long against its prompt is
+    laid out as several trees (`tree_completions`); without, one tree per distinct prompt."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("pack: every prompt needs at least one token (its last position predicts the first "
                          "completion token)")
     B = len(prompts)
     T = max(max((len(c) for c in completions), default=0), 1)
     trees = _trees(prompts, share_prefix, keys)
+    if share_prefix and hidden_size:
+        trees = _split_trees(trees, completions, hidden_size)
     # a completion's last token is left out of the rows: nothing attends to it but itself and its output
     # predicts nothing, so each completion takes len - 1 positions
     sizes = [len(p) + sum(max(len(completions[i]) - 1, 0) for i in rows) for p, rows in trees]
@@ -164,7 +191,9 @@ def make_batch(model, prompts: list, completions: list, pad_id: int, device=None
     """`pack` where the model can take it (`packing_problem`), else `collate`."""
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     if packing and packing_problem(model, longest) is None:
-        return pack(prompts, completions, pad_id, device, share_prefix=share_prefix)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return pack(prompts, completions, pad_id, device, share_prefix=share_prefix,
+                    hidden_size=getattr(cfg, "hidden_size", None))
     return collate(prompts, completions, pad_id, device)
 
 

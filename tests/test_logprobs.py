@@ -14,7 +14,7 @@ import torch
 from rtpo.config import ConfigError, RTPOConfig
 from rtpo.embedded import build_model, build_tokenizer
 from rtpo.logprobs import (collate, completion_logprobs, make_batch, pack, packing_problem, row_tokens,
-                           split_by_tokens, split_even)
+                           split_by_tokens, split_even, tree_completions)
 from rtpo.losses import policy_loss
 
 G = 4
@@ -73,8 +73,8 @@ def loss_and_grads(model, prompts, comps, micro, layout, dtype):
     total = 0.0
     for mb in micro:
         p, c = [prompts[i] for i in mb], [comps[i] for i in mb]
-        batch = pack(p, c, 0) if layout == "packed" else pack(p, c, 0, share_prefix=False) \
-            if layout == "unshared" else collate(p, c, 0)
+        batch = {"packed": lambda: pack(p, c, 0), "unshared": lambda: pack(p, c, 0, share_prefix=False),
+                 "split": lambda: pack(p, c, 0, hidden_size=1), "padded": lambda: collate(p, c, 0)}[layout]()
         logp, ent = completion_logprobs(model, batch, temperature=0.7)
         old = logp.detach() + 0.05 * torch.cos(torch.arange(logp.numel(), dtype=logp.dtype)).view_as(logp)
         loss, _ = policy_loss(logp, old, adv[mb].to(logp.dtype), batch["completion_mask"], loss_type="dapo",
@@ -108,11 +108,26 @@ def test_packed_loss_and_gradients_equal_the_padded_layout(tok, arch, split):
     model = embedded(tok) if arch == "embedded" else tiny_llama(len(tok))
     prompts, comps = rows(len(tok))
     micro = SPLITS[split]
+    assert len(pack(prompts, comps, 0, hidden_size=1)["prompt_order"]) > len(pack(prompts, comps, 0)["prompt_order"])
     ref = loss_and_grads(model, prompts, comps, micro, "padded", torch.float64)
-    for layout in ("packed", "unshared"):
+    for layout in ("packed", "unshared", "split"):
         assert_close(loss_and_grads(model, prompts, comps, micro, layout, torch.float64), ref, F64_TOL)
         assert_close(loss_and_grads(model, prompts, comps, micro, layout, torch.float32), ref, 1e-5)
     assert_close(loss_and_grads(model, prompts, comps, micro, "padded", torch.float32), ref, 1e-5)
+
+
+def test_tree_size_minimises_flops_per_completion():
+    """m* = sqrt(P (6H + P)) / T: long prompts share across the group, long completions split it; the groups'
+    completions are cut into even consecutive trees, each with its own copy of the prompt."""
+    assert tree_completions(42, 25, 128) == 7         # the embedded task at keep 0: nearly the whole group
+    assert tree_completions(60, 5, 128) == 45         # the whole trace in the prompt: any group
+    assert tree_completions(100, 1000, 4096) == 2     # long reasoning on a large model: pairs
+    assert tree_completions(10, 0, 1) == 13           # empty completions count as length 1
+    prompts, comps = [[1, 2, 3]] * 5 + [[4]], [[9] * 4] * 5 + [[8]]
+    b = pack(prompts, comps, 0, hidden_size=1)        # m* = round(sqrt(3 * 9) / 4) = 1: one tree per completion
+    assert b["prompt_order"] == [0, 1, 2, 3, 4, 5] and int((b["input_ids"] == 1).sum()) == 5
+    b = pack(prompts, comps, 0, hidden_size=10)       # m* = round(sqrt(3 * 63) / 4) = 3: trees of 3 and 2
+    assert int((b["input_ids"] == 1).sum()) == 2 and sorted(b["prompt_order"]) == [0, 3, 5]
 
 
 def test_eager_attention_takes_the_mask_as_additive(tok):
