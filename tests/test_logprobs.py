@@ -141,6 +141,20 @@ def test_eager_attention_takes_the_mask_as_additive(tok):
     assert_close(loss_and_grads(eager, prompts, comps, micro, "packed", torch.float32), ref, 1e-5)
 
 
+def test_autocast_keeps_the_boolean_mask(tok):
+    """Under bfloat16 autocast (the GPU default) the mask stays boolean (an additive one would need the query's
+    dtype): packed log-probs stay within 5e-3 of the padded ones, far inside bfloat16's own error against
+    float32 here."""
+    model = tiny_llama(len(tok))
+    prompts, comps = rows(len(tok))
+    with torch.no_grad():
+        fp32, _ = completion_logprobs(model, collate(prompts, comps, 0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            packed, _ = completion_logprobs(model, pack(prompts, comps, 0))
+            padded, _ = completion_logprobs(model, collate(prompts, comps, 0))
+    assert (packed - padded).abs().max().item() <= 5e-3 < (padded - fp32).abs().max().item()
+
+
 def test_logits_path_for_models_with_a_custom_head(tok, monkeypatch):
     """Models whose logits are rescaled after the head take the full-logits path: packed equals padded there too."""
     import rtpo.logprobs as lp
