@@ -15,9 +15,15 @@ TRL's own defaults differ in several of these (bf16 autocast, gradient checkpoin
 eps, adam beta2 0.999, linear LR decay); they are pinned to rtpo's values here and listed in the
 JSON (`trl_settings_pinned`).
 
+rtpo is timed in three log-prob layouts (`--sides`; rtpo.logprobs): `rtpo`, the default (packed rows,
+each prompt encoded once for its group), `rtpo_unshared` (packed, the prompt copied per completion)
+and `rtpo_padded` (one left-padded row per completion, the layout before packing), so the table
+splits the gain between dropping padding and sharing the prompt. `--keep 0,1` repeats the whole A/B
+run per hint fraction (1: the whole trace in every prompt).
+
 Each side runs in its own process (so peak RSS is its own), with the same torch thread count. The
-parent alternates them step by step (A B, B A, A B, ...) so that load from other users of the
-machine hits both alike; `--warmup` steps per side are run first and not counted. Per step:
+parent alternates them step by step, the order rotating each step (A B, B A, ... for two sides) so
+that load from other users of the machine hits all alike; `--warmup` steps per side are run first and not counted. Per step:
 wall time, rollout (prompt tokenization + generation + decoding), scoring (rewards, advantages and
 TRL's batch preparation), update (log-probs, loss, backward, optimizer, logging). TRL's time is
 measured between its `on_step_begin` callbacks, so it includes its per-step logging; the split
@@ -81,8 +87,16 @@ def current_rss_mb() -> float:
 
 # ----------------------------------------------------------------------------- shared setup
 
-def rtpo_trainer(args, out_dir, threads):
-    """rtpo's Trainer at its defaults, with the prompt schedule fixed to `--keep`."""
+# rtpo's log-prob layouts (rtpo.logprobs): the default, and the two it replaces, timed side by side
+RTPO_VARIANTS = {
+    "rtpo": [],                                                   # packed rows, prompt shared by its group
+    "rtpo_unshared": ["--optim.share_prefix", "false"],           # packed rows, the prompt copied per completion
+    "rtpo_padded": ["--optim.packing", "false", "--optim.share_prefix", "false"],  # one left-padded row each
+}
+
+
+def rtpo_trainer(args, out_dir, threads, variant="rtpo"):
+    """rtpo's Trainer at its defaults (log-prob layout `variant`), with the prompt schedule fixed to `--keep`."""
     from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
@@ -95,7 +109,7 @@ def rtpo_trainer(args, out_dir, threads):
         argv += ["--curriculum.schedule", "none"]
     if args.lr is not None:
         argv += ["--optim.lr", str(args.lr)]
-    return Trainer(parse_args(argv), log=lambda m: None)
+    return Trainer(parse_args(argv + RTPO_VARIANTS[variant]), log=lambda m: None)
 
 
 def step_prompts(t, n_steps):
@@ -177,17 +191,20 @@ def _worker(side, conn, args, threads):
         torch.set_num_threads(threads)
         tmp = tempfile.mkdtemp(prefix=f"bench_vs_trl_{side}_")
         t0 = time.perf_counter()
-        (_rtpo_worker if side == "rtpo" else _trl_worker)(conn, args, threads, tmp, t0)
+        if side == "trl":
+            _trl_worker(conn, args, threads, tmp, t0)
+        else:
+            _rtpo_worker(conn, args, threads, tmp, t0, side)
     except StopBench:
         conn.send({"event": "done", "peak_rss_mb": rss_mb()})
     except Exception:  # report, so that the parent does not hang
         conn.send({"event": "error", "trace": traceback.format_exc()})
 
 
-def _rtpo_worker(conn, args, threads, tmp, t0):
+def _rtpo_worker(conn, args, threads, tmp, t0, variant="rtpo"):
     import torch
 
-    t = rtpo_trainer(args, tmp, threads)
+    t = rtpo_trainer(args, tmp, threads, variant)
     conn.send({"event": "ready", "setup_s": time.perf_counter() - t0, "rss_after_setup_mb": current_rss_mb(),
                "threads": torch.get_num_threads()})
     step = 0
@@ -279,7 +296,7 @@ def time_sides(args, threads):
     procs, conns = {}, {}
     ready = {}
     try:
-        for side in ("rtpo", "trl"):  # set up one after the other: setup is not what is compared
+        for side in args.sides:  # set up one after the other: setup is not what is compared
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(side, child, args, threads), daemon=True)
             p.start()
@@ -299,7 +316,8 @@ def _alternate(args, threads, procs, conns, ready):
     steps = {s: [] for s in procs}
     total = args.warmup + args.steps
     for k in range(total):
-        order = ("rtpo", "trl") if k % 2 == 0 else ("trl", "rtpo")
+        n = len(args.sides)  # the order rotates each step (two sides: A B, B A, ...)
+        order = args.sides[k % n:] + args.sides[:k % n]
         for side in order:
             conns[side].send("step")
             msg = conns[side].recv()
@@ -308,7 +326,7 @@ def _alternate(args, threads, procs, conns, ready):
             msg["index"] = k
             msg["warmup"] = k < args.warmup
             steps[side].append(msg)
-            print(f"  [{threads} thr] step {k:2d} {side:4s} {msg['step_s']:6.3f} s  (rollout {msg['rollout_s']:.3f}, "
+            print(f"  [{threads} thr] step {k:2d} {side:13s} {msg['step_s']:6.3f} s  (rollout {msg['rollout_s']:.3f}, "
                   f"update {msg['update_s']:.3f}, {msg['completion_tokens'] or 0:.1f} tok)", flush=True)
     done = {}
     for side in procs:
@@ -325,15 +343,26 @@ def _alternate(args, threads, procs, conns, ready):
                      "peak_rss_mb": done[side].get("peak_rss_mb", meas[-1]["peak_rss_mb"]),
                      "rss_after_setup_mb": ready[side]["rss_after_setup_mb"], "setup_s": ready[side]["setup_s"],
                      "threads_seen": ready[side]["threads"], "steps": steps[side]}
-    a = [m["step_s"] for m in steps["rtpo"] if not m["warmup"]]
-    b = [m["step_s"] for m in steps["trl"] if not m["warmup"]]
-    paired = [y / x for x, y in zip(a, b)]
-    return {"threads": threads, "rtpo": res["rtpo"], "trl": res["trl"],
-            "ratio_of_medians": res["trl"]["step_s"] / res["rtpo"]["step_s"],
+    out = {"threads": threads, "keep": args.keep, "sides": list(args.sides), **res}
+    for side in args.sides:
+        if side != "trl":
+            out[f"ratios_{side}"] = ratios(steps, side)
+    out.update(out.get("ratios_rtpo", {}))  # the default layout's ratios also at the top level
+    return out
+
+
+def ratios(steps, side):
+    """TRL / `side`: ratio of median step times, the paired per-step ratios (same alternation round), and
+    the split's ratios (rollout, scoring, update)."""
+    meas = {s: [m for m in steps[s] if not m["warmup"]] for s in (side, "trl")}
+    med = {s: {k: statistics.median(m[k] for m in meas[s]) for k in ("step_s", "rollout_s", "scoring_s", "update_s")}
+           for s in meas}
+    paired = [b["step_s"] / a["step_s"] for a, b in zip(meas[side], meas["trl"])]
+    return {"ratio_of_medians": med["trl"]["step_s"] / med[side]["step_s"],
             "paired_ratio_median": statistics.median(paired), "paired_ratio_min": min(paired),
             "paired_ratio_max": max(paired),
-            "rollout_ratio": res["trl"]["rollout_s"] / res["rtpo"]["rollout_s"],
-            "update_ratio": res["trl"]["update_s"] / res["rtpo"]["update_s"]}
+            "rollout_ratio": med["trl"]["rollout_s"] / med[side]["rollout_s"],
+            "update_ratio": med["trl"]["update_s"] / med[side]["update_s"]}
 
 
 # ----------------------------------------------------------------------------- loss equality
@@ -570,19 +599,21 @@ DIFFERENCES = [
 def print_table(timings, args):
     print(f"\n## RL step, rtpo vs TRL GRPOTrainer {timings[0]['trl_version']} (8 prompts x G=8, <= 64 new tokens, "
           f"median of {args.steps} alternating steps after {args.warmup} warm-up)")
-    hdr = (f"{'threads':>7} {'side':6} {'step s':>8} {'rollout s':>9} {'scoring s':>9} {'update s':>9} "
-           f"{'tok/compl':>9} {'peak RSS MiB':>12} {'TRL/rtpo':>9}")
+    print("rtpo: packed rows, prompt shared (default); rtpo_unshared: packed, prompt per completion; "
+          "rtpo_padded: one left-padded row per completion (before)")
+    hdr = (f"{'keep':>4} {'threads':>7} {'side':13} {'step s':>8} {'rollout s':>9} {'scoring s':>9} {'update s':>9} "
+           f"{'tok/compl':>9} {'peak RSS MiB':>12} {'TRL/side':>9} {'paired':>16} {'update TRL/side':>15}")
     print(hdr)
     print("-" * len(hdr))
     for t in timings:
-        for side in ("rtpo", "trl"):
-            r = t[side]
-            ratio = f"{t['ratio_of_medians']:8.2f}x" if side == "trl" else ""
-            print(f"{t['threads']:7d} {side:6} {r['step_s']:8.3f} {r['rollout_s']:9.3f} {r['scoring_s']:9.3f} "
-                  f"{r['update_s']:9.3f} {r['completion_tokens']:9.1f} {r['peak_rss_mb']:12.0f} {ratio:>9}")
-        print(f"{'':7} paired per-step ratio TRL/rtpo: median {t['paired_ratio_median']:.2f}x "
-              f"(min {t['paired_ratio_min']:.2f}, max {t['paired_ratio_max']:.2f}); rollout "
-              f"{t['rollout_ratio']:.2f}x, update {t['update_ratio']:.2f}x")
+        for side in t["sides"]:
+            r, q = t[side], t.get(f"ratios_{side}")
+            ratio = f"{q['ratio_of_medians']:8.2f}x" if q else ""
+            paired = f"{q['paired_ratio_min']:.2f}-{q['paired_ratio_max']:.2f}x" if q else ""
+            upd = f"{q['update_ratio']:14.2f}x" if q else ""
+            print(f"{t['keep']:4.2g} {t['threads']:7d} {side:13} {r['step_s']:8.3f} {r['rollout_s']:9.3f} "
+                  f"{r['scoring_s']:9.3f} {r['update_s']:9.3f} {r['completion_tokens']:9.1f} {r['peak_rss_mb']:12.0f} "
+                  f"{ratio:>9} {paired:>16} {upd:>15}")
 
 
 def main():
@@ -592,7 +623,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side first")
     ap.add_argument("--threads", default="1", help="torch threads, comma-separated (each a separate A/B run); "
                     "1 is what rtpo picks for this model")
-    ap.add_argument("--keep", type=float, default=0.0, help="fixed hint fraction of the prompts (0 = no hint, GRPO)")
+    ap.add_argument("--keep", default="0", help="fixed hint fraction of the prompts (0 = no hint, GRPO; 1 = the whole "
+                    "trace in the prompt), comma-separated: each a separate A/B run")
+    ap.add_argument("--sides", default=",".join(list(RTPO_VARIANTS) + ["trl"]),
+                    help=f"what is timed, alternating: trl and rtpo's log-prob layouts ({', '.join(RTPO_VARIANTS)})")
     ap.add_argument("--lr", type=float, default=None, help="default: rtpo's optim.lr, for both sides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check-loss", dest="check_loss", action="store_false")
@@ -602,6 +636,11 @@ def main():
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # run the finally blocks: stop the workers
     if args.quick:
         args.steps, args.warmup, args.threads = 2, 1, "1"
+    keeps = [float(x) for x in str(args.keep).split(",")]
+    args.sides = [s for s in args.sides.split(",") if s]
+    if "trl" not in args.sides or "rtpo" not in args.sides or set(args.sides) - set(RTPO_VARIANTS) - {"trl"}:
+        sys.exit(f"--sides needs trl and rtpo, and knows {', '.join(list(RTPO_VARIANTS) + ['trl'])}")
+    args.keeps, args.keep = keeps, keeps[0]
     try:
         import trl
     except ImportError:
@@ -617,11 +656,14 @@ def main():
     t_start = time.perf_counter()
     timings = []
     if args.timing:
-        for n in [int(x) for x in args.threads.split(",")]:
-            print(f"# timing, {n} thread(s)", flush=True)
-            r = time_sides(args, n)
-            r["trl_version"] = trl.__version__
-            timings.append(r)
+        for keep in keeps:
+            args.keep = keep
+            for n in [int(x) for x in args.threads.split(",")]:
+                print(f"# timing, keep {keep}, {n} thread(s)", flush=True)
+                r = time_sides(args, n)
+                r["trl_version"] = trl.__version__
+                timings.append(r)
+        args.keep = keeps[0]  # the loss check's prompts
     loss = None
     if args.check_loss:
         print("\n# loss equality: identical inputs into rtpo.losses.policy_loss and GRPOTrainer._compute_loss",

@@ -177,7 +177,10 @@ class OptimConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16      # sequences per forward/backward; gradients accumulate to the step
+    micro_batch_tokens: int = 0     # > 0: micro batches of at most this many real tokens instead (see README)
     mini_batches: int = 1           # optimizer updates per pass over a rollout batch
+    packing: bool = True            # log-prob passes on packed rows (no padding per completion), where the model allows
+    share_prefix: bool = True       # packed: each distinct prompt encoded once per micro batch, its completions attend to it
 
 
 @dataclass
@@ -487,7 +490,8 @@ def _check_signs(c: RTPOConfig) -> None:
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
                    ("loss.entropy_coef", c.loss.entropy_coef), ("loss.hint_loss", c.loss.hint_loss), ("run.stop_after_steps", c.run.stop_after_steps),
                    ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
-                   ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps)]:
+                   ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps),
+                   ("optim.micro_batch_tokens", c.optim.micro_batch_tokens)]:
         _positive(v, key, allow_zero=True)
     for key, v in [("loss.tis_cap", c.loss.tis_cap), ("log.sample_groups", c.log.sample_groups),
                    ("log.sample_eval_rows", c.log.sample_eval_rows)]:
@@ -535,6 +539,9 @@ def _check_ranges(c: RTPOConfig) -> None:
         raise ConfigError(f"curriculum.milestones must be increasing, got {m}")
     if c.warmstart.max_operands != 0 and c.warmstart.max_operands < 2:
         raise ConfigError(f"warmstart.max_operands = {c.warmstart.max_operands}: use 0 (as data.max_operands) or >= 2")
+    if c.optim.share_prefix and not c.optim.packing:
+        raise ConfigError("optim.share_prefix = true needs optim.packing = true (the shared prompt lives in the packed "
+                          "layout); pass --optim.share_prefix false as well for the padded layout")
     if c.data.modulus == 1:
         raise ConfigError("data.modulus = 1 makes every answer 0; use 0 (plain integers) or >= 2")
     if c.data.min_operands < 2 or c.data.max_operands < c.data.min_operands:

@@ -312,14 +312,9 @@ class LogprobModule(torch.nn.Module):
         self.lm = lm
         self.temperature = temperature
 
-    def forward(self, input_ids, attention_mask, position_ids, completion_ids, completion_mask, prompt_len,
-                with_entropy=True):
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     completion_ids=completion_ids, completion_mask=completion_mask, prompt_len=prompt_len)
+    def forward(self, with_entropy=True, **batch):
+        # the batch travels as keyword tensors (collate's or pack's keys), so DDP / DeepSpeed see its inputs
         return completion_logprobs(self.lm, batch, self.temperature, with_entropy=with_entropy)
-
-
-BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "prompt_len")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from rtpo.curriculum import Curriculum, dropout_rows
 from rtpo.prompts import PromptBuilder, PromptTooLong
 from rtpo.data import load_splits, warmstart_rows
 from rtpo.generation import SamplingConfig, draw_uniforms, generate
-from rtpo.logprobs import collate
+from rtpo.logprobs import make_batch, row_tokens, split_by_tokens, split_even
 from rtpo.losses import hint_nll, policy_loss
 from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_tokenizer
@@ -493,16 +493,31 @@ class Trainer:
                       per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
                       group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
 
-    def _micro_batches(self, rows: list) -> list:
-        m = self.cfg.optim.micro_batch_size
-        return [rows[i:i + m] for i in range(0, len(rows), m)]
+    def _micro_batches(self, ro: Rollout, rows: list) -> list:
+        """`rows` cut into consecutive micro batches: optim.micro_batch_size rows each, or with
+        optim.micro_batch_tokens at most that many real tokens each (a group's prompt counted once when
+        shared). Under DDP / DeepSpeed every process must run the same fixed number of micro batches per
+        update (the engine's gradient_accumulation_steps, collectives in each backward): there the token
+        budget is not a cap but a balance: exactly that number, cut where the tokens are most even."""
+        o = self.cfg.optim
+        if o.micro_batch_tokens <= 0:
+            return [rows[i:i + o.micro_batch_size] for i in range(0, len(rows), o.micro_batch_size)]
+        costs = row_tokens(ro.prompts, ro.completions, rows, share_prefix=o.packing and o.share_prefix)
+        fixed = getattr(self.backend, "gas", None)
+        return split_even(rows, costs, fixed) if fixed else split_by_tokens(rows, costs, o.micro_batch_tokens)
+
+    def _batch(self, prompts: list, completions: list) -> dict:
+        """The log-prob batch of these rows: packed, each distinct prompt once (optim.packing / share_prefix),
+        or padded where the model cannot take a packed batch (rtpo.logprobs.make_batch)."""
+        o = self.cfg.optim
+        return make_batch(self.model, prompts, completions, self.tok.pad_token_id, self.device, packing=o.packing,
+                          share_prefix=o.share_prefix)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, ro, micro, ref=False):
         out = []
         for mb in micro:
-            batch = collate([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb], self.tok.pad_token_id,
-                            self.device)
+            batch = self._batch([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb])
             with self._autocast():
                 lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
             out.append(lp.float())
@@ -513,7 +528,7 @@ class Trainer:
         accumulated over micro batches of optim.micro_batch_size rows."""
         c = self.cfg
         minis = [[int(i) for i in s] for s in np.array_split(np.arange(len(ro)), c.optim.mini_batches) if len(s)]
-        micro_of = [self._micro_batches(mb) for mb in minis]
+        micro_of = [self._micro_batches(ro, mb) for mb in minis]
         t0 = time.perf_counter()
         old = [self._logprobs_no_grad(ro, mic) for mic in micro_of] if self.updates_per_step > 1 else None
         t1 = time.perf_counter()
@@ -551,8 +566,7 @@ class Trainer:
         enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
         comps = [ro.completions[i] for i in rows]
-        batch = collate([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], self.tok.pad_token_id,
-                        self.device)
+        batch = self._batch([ro.prompts[i] for i in rows] + hint[0], comps + hint[1])
         with self._autocast():
             logp_all, ent_all = self.backend.logprobs(batch)
         T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')

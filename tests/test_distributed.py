@@ -305,7 +305,8 @@ def cpu_adam_built() -> bool:
 
 # name: (extra arguments, DeepSpeed config, steps). Each runs with 2 processes and with 1 (no DeepSpeed).
 SCENARIOS = {
-    "zero1": (["--loss.loss_type", "dr_grpo"], "zero1", 3),
+    # the padded log-prob layout (what models without a custom-mask attention get); the others run packed
+    "zero1": (["--loss.loss_type", "dr_grpo", "--optim.packing", "false", "--optim.share_prefix", "false"], "zero1", 3),
     # max_grad_norm 0.3 < the gradient norms (about 0.5): DeepSpeed's clipping is active
     "zero2": (["--max_steps", "4", "--optim.max_grad_norm", "0.3"], "zero2", 4),
     "zero3": (["--loss.beta", "0.05", "--loss.scale_rewards", "batch", "--loss.num_iterations", "2"], "zero3", 3),
@@ -317,16 +318,20 @@ SCENARIOS = {
     # disabled (no reference engine); ZeRO-3 partitions the frozen base too; 2 passes (old log-probs)
     "zero2_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"], "zero2", 3),
     "zero3_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2", "--loss.num_iterations", "2"], "zero3", 3),
+    # micro batches by tokens: 1 process cuts at the budget, 2 DeepSpeed processes keep their fixed count
+    # (gradient_accumulation_steps) and balance the tokens; two prompts per group (hint dropout)
+    "zero3_tokens": (["--optim.micro_batch_tokens", "40", "--curriculum.hint_dropout", "0.5", "--loss.hint_loss",
+                      "0.5"], "zero3", 3),
 }
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """ONE 2-process DeepSpeed launch (tests/distributed_worker.py) running the SCENARIOS: ZeRO-1 with
-    the dr_grpo loss; ZeRO-2 with active clipping, stopped by a SIGTERM to rank 1 only and resumed
+    the dr_grpo loss and the padded log-prob layout; ZeRO-2 with active clipping, stopped by a SIGTERM to rank 1 only and resumed
     from its checkpoint; ZeRO-3 with beta > 0 (a ZeRO-3 reference engine), batch reward scaling and 2 iterations
     (old log-probs through the engine); ZeRO-3 with CPU offload of optimizer and parameters (when
-    DeepSpeed's CPU Adam is built). The 1-process runs without DeepSpeed run in this process."""
+    DeepSpeed's CPU Adam is built); ZeRO-3 with micro batches by tokens. The 1-process runs without DeepSpeed run in this process."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed")
     base = tmp_path_factory.mktemp("dist")

@@ -251,6 +251,43 @@ def test_one_rl_step_on_the_real_model(smollm2_dir, tmp_path):
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, tr.model.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow
+@needs_model
+def test_packed_shared_prompt_loss_and_gradients_equal_the_padded_layout(smollm2):
+    """On the real architecture (tied head, 30 layers, GQA 9/3): the prompt-shared packed layout gives the
+    padded layout's loss and gradients within 1e-5 in float32, with micro batches that cut a group."""
+    from rtpo.logprobs import collate, completion_logprobs, pack
+    from rtpo.losses import policy_loss
+
+    model, tok = smollm2
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in ("Compute 3+4 mod 10.", "What is 12 times 7?")]
+    chat = [c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c for c in chat]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] for a in ("7, since 3+4=7.", "84", "It is 84.", "7")]
+    prompts = [chat[0]] * 3 + [chat[1]] * 3
+    comps = [answers[0], answers[3], answers[0][:3], answers[1], answers[2], answers[2][:2]]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
+    n_tokens = sum(map(len, comps))
+    out = {}
+    for layout in ("padded", "packed"):
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in ([0, 1, 2, 3], [4, 5]):  # the first micro batch holds group 0 and a row of group 1
+            p, c = [prompts[i] for i in mb], [comps[i] for i in mb]
+            batch = pack(p, c, tok.pad_token_id) if layout == "packed" else collate(p, c, tok.pad_token_id)
+            logp, _ = completion_logprobs(model, batch, with_entropy=False)
+            loss, _ = policy_loss(logp, logp.detach() - 0.1, adv[mb], batch["completion_mask"], n_seqs=6,
+                                  n_tokens=n_tokens)
+            loss.backward()
+            total += loss.item()
+        out[layout] = (total, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    model.zero_grad(set_to_none=True)
+    (la, ga), (lb, gb) = out["padded"], out["packed"]
+    assert abs(la - lb) <= 1e-5 and ga.keys() == gb.keys()
+    assert max(g.abs().max().item() for g in ga.values()) > 1e-2  # gradients large enough for 1e-5 to mean something
+    assert max((ga[k] - gb[k]).abs().max().item() for k in ga) <= 1e-5
+
+
 def test_smollm2_think_preset_is_smollm2_plus_a_format_warmstart():
     """`--preset smollm2-think` is the smollm2 preset with the supervised format warm-start switched on
     (whole traces), and nothing else changed."""

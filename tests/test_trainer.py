@@ -11,6 +11,7 @@ import torch
 
 from rtpo.checkpoint import list_checkpoints
 from rtpo.cli import parse_args
+from rtpo.logprobs import row_tokens
 from rtpo.metrics import read_metrics
 from rtpo.trainer import Trainer
 
@@ -174,3 +175,81 @@ def test_gspo_and_tis_train_and_the_samplers_logprobs_line_up_with_the_trainers(
     for r in rows:
         assert r["rollout_logp_gap"] < 1e-4 and r["tis_weight"] == pytest.approx(1.0, abs=1e-4)
         assert r["tis_truncated"] == 0 and math.isfinite(r["loss"]) and r["skipped_updates"] == 0
+
+
+def update_grads(t, ro, sc):
+    """The gradient of each optimizer update of `t.update(ro, sc)` and its metrics; the model and optimizer
+    come back to where they started."""
+    import copy
+
+    model0, opt0 = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.backend.optimizer.state_dict())
+    grads, step = [], t.backend.step
+
+    def capture(loss_finite):
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        return step(loss_finite)
+    t.backend.step = capture
+    try:
+        metrics = t.update(ro, sc)
+    finally:
+        t.backend.step = step
+        t.model.load_state_dict(model0)
+        t.backend.optimizer.load_state_dict(opt0)
+    return grads, metrics
+
+
+def test_packed_update_equals_the_padded_update(tmp_path):
+    """The update's gradients (policy pass, old-policy pass of num_iterations 2, reference pass of beta > 0,
+    hint-loss rows, hint dropout so that a group holds two prompts, micro batches of 4 rows cutting groups
+    of 3) are those of the padded layout within 1e-5, with the prompt shared or not."""
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--loss.beta", "0.05", "--loss.num_iterations", "2",
+                               "--loss.hint_loss", "0.5", "--curriculum.hint_dropout", "0.4", "--curriculum.schedule",
+                               "constant", "--curriculum.value", "0.6", "--rollout.prompts_per_step", "3",
+                               "--rollout.max_new_tokens", "10"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    # the tiny warm-start never stops early: cut completions to different lengths (padding to drop)
+    ro.completions = [c[:1 + (3 * i) % len(c)] for i, c in enumerate(ro.completions)]
+    assert ro.hinted_rows == 2 and len({len(c) for c in ro.completions}) > 3
+    runs = {}
+    for packing, share in ((False, False), (True, True), (True, False)):
+        t.cfg.optim.packing, t.cfg.optim.share_prefix = packing, share
+        runs[packing, share] = update_grads(t, ro, sc)
+    ref_grads, ref_m = runs[False, False]
+    assert len(ref_grads) == 2
+    for key in ((True, True), (True, False)):
+        grads, m = runs[key]
+        for g, r in zip(grads, ref_grads):
+            assert g.keys() == r.keys()
+            assert max((g[k] - r[k]).abs().max().item() for k in g) <= 1e-5, key
+        for name in ("loss", "hint_nll", "kl", "entropy", "clip_frac"):
+            assert abs(m[name] - ref_m[name]) <= 1e-5, (key, name)
+
+
+def test_token_budget_micro_batches_leave_the_update_unchanged(tmp_path):
+    """optim.micro_batch_tokens cuts the rows where the tokens run out instead of every micro_batch_size rows:
+    the normalisers are the whole batch's, so the gradients and metrics stay those of the row-count split
+    (1e-5); under a backend with a fixed accumulation count it makes exactly that many micro batches."""
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--loss.hint_loss", "0.5", "--curriculum.schedule",
+                               "constant", "--curriculum.value", "0.6", "--rollout.prompts_per_step", "3",
+                               "--rollout.max_new_tokens", "10", "--loss.loss_type", "grpo"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    ro.completions = [c[:1 + (3 * i) % len(c)] for i, c in enumerate(ro.completions)]
+    ref_grads, ref_m = update_grads(t, ro, sc)
+    rows, counts = list(range(len(ro))), set()
+    assert len(t._micro_batches(ro, rows)) == 3  # 9 rows, 4 per micro batch
+    for budget in (30, 80):
+        t.cfg.optim.micro_batch_tokens = budget
+        micro = t._micro_batches(ro, rows)
+        costs = dict(zip(rows, row_tokens(ro.prompts, ro.completions, rows)))
+        assert sum(micro, []) == rows and all(len(mb) == 1 or sum(costs[i] for i in mb) <= budget for mb in micro)
+        counts.add(len(micro))
+        (grads,), m = update_grads(t, ro, sc)
+        assert max((grads[k] - ref_grads[0][k]).abs().max().item() for k in grads) <= 1e-5, budget
+        assert all(abs(m[k] - ref_m[k]) <= 1e-5 for k in ("loss", "hint_nll", "entropy", "clip_frac"))
+    assert counts - {3}  # other cuts than the row count's
+    t.backend.gas = 2  # as DDP / DeepSpeed: the count is fixed
+    assert len(t._micro_batches(ro, rows)) == 2

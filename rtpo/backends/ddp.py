@@ -12,7 +12,7 @@ import torch
 
 from rtpo.backends.local import LocalBackend
 from rtpo.comm import TorchComm
-from rtpo.distributed import (BATCH_KEYS, LogprobModule, check_boundary, init_process_group, local_main_first,
+from rtpo.distributed import (LogprobModule, check_boundary, init_process_group, local_main_first,
                               local_rank, micro_batches_per_update, place, world_size)
 
 
@@ -43,7 +43,7 @@ class DDPBackend(LocalBackend):
             return super().logprobs(batch, ref=ref, with_entropy=with_entropy)
         last = self.micro_count % self.gas == self.gas - 1  # all-reduce on the update's last micro batch
         with contextlib.nullcontext() if last else self.ddp.no_sync():
-            return self.ddp(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
+            return self.ddp(**batch, with_entropy=with_entropy)
 
     def backward(self, loss) -> None:
         (loss * self.comm.world).backward()
