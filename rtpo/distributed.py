@@ -313,13 +313,15 @@ class LogprobModule(torch.nn.Module):
         self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, position_ids, completion_ids, completion_mask, prompt_len,
-                with_entropy=True):
+                with_entropy=True, pixel_values=None, image_grid_thw=None):
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     completion_ids=completion_ids, completion_mask=completion_mask, prompt_len=prompt_len)
+                     completion_ids=completion_ids, completion_mask=completion_mask, prompt_len=prompt_len,
+                     pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         return completion_logprobs(self.lm, batch, self.temperature, with_entropy=with_entropy)
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "prompt_len")
+VISION_KEYS = ("pixel_values", "image_grid_thw")  # present in a batch whose rows have images
 
 
 @contextlib.contextmanager

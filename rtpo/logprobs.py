@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch
 
 from kernels import linear_logprobs
+from rtpo.vision import batch_images, prompt_image_hidden
 
 
-def collate(prompts: list, completions: list, pad_id: int, device=None) -> dict:
+def collate(prompts: list, completions: list, pad_id: int, device=None, images: list | None = None) -> dict:
     """[left-padded prompt | right-padded completion] rows.
 
     input_ids/attention_mask/position_ids: [B, P + T]; completion_ids/completion_mask: [B, T];
-    prompt_len: P. Positions count real tokens only, as in generation."""
+    prompt_len: P. Positions count real tokens only, as in generation. `images`: per row, its
+    rtpo.vision.ImageInputs or None; when any row has images the batch also holds pixel_values and
+    image_grid_thw (and the forward computes M-RoPE positions from the model)."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     T = max(max((len(c) for c in completions), default=0), 1)
@@ -33,6 +36,8 @@ def collate(prompts: list, completions: list, pad_id: int, device=None) -> dict:
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
            "completion_ids": ids[:, P:].clone(), "completion_mask": cmask, "prompt_len": P}
+    if images is not None:
+        out.update(batch_images(images))
     if device is not None:
         out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
     return out
@@ -49,6 +54,11 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     distribution, [B, T] each (0 where completion_mask is 0)."""
     P = batch["prompt_len"]
     mask = batch["completion_mask"].bool()
+    if batch.get("pixel_values") is not None:  # image prompts: vision tower + decoder with M-RoPE positions
+        hidden = prompt_image_hidden(model, batch)[:, P - 1:-1]
+        head = model.get_output_embeddings()
+        return linear_logprobs(hidden, head.weight, batch["completion_ids"], getattr(head, "bias", None),
+                               temperature=temperature, mask=mask, return_entropy=with_entropy)
     fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if _has_custom_head(model):
         logits = model(**fwd).logits[:, P - 1:-1].float() / temperature

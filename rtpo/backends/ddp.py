@@ -12,8 +12,8 @@ import torch
 
 from rtpo.backends.local import LocalBackend
 from rtpo.comm import TorchComm
-from rtpo.distributed import (BATCH_KEYS, LogprobModule, check_boundary, init_process_group, local_main_first,
-                              local_rank, micro_batches_per_update, place, world_size)
+from rtpo.distributed import (BATCH_KEYS, VISION_KEYS, LogprobModule, check_boundary, init_process_group,
+                              local_main_first, local_rank, micro_batches_per_update, place, world_size)
 
 
 class DDPBackend(LocalBackend):
@@ -43,7 +43,8 @@ class DDPBackend(LocalBackend):
             return super().logprobs(batch, ref=ref, with_entropy=with_entropy)
         last = self.micro_count % self.gas == self.gas - 1  # all-reduce on the update's last micro batch
         with contextlib.nullcontext() if last else self.ddp.no_sync():
-            return self.ddp(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
+            return self.ddp(**{k: batch[k] for k in BATCH_KEYS}, **{k: batch[k] for k in VISION_KEYS if k in batch},
+                            with_entropy=with_entropy)
 
     def backward(self, loss) -> None:
         (loss * self.comm.world).backward()

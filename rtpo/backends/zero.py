@@ -20,7 +20,7 @@ from rtpo.backends.local import Backend
 from rtpo.checkpoint import DS_DIR
 from rtpo.comm import TorchComm
 from rtpo.config import ConfigError
-from rtpo.distributed import (BATCH_KEYS, DS_TAG, LogprobModule, check_boundary,
+from rtpo.distributed import (BATCH_KEYS, DS_TAG, VISION_KEYS, LogprobModule, check_boundary,
                               ensure_launch_env, gathered_for_generation, hidden_size, init_process_group,
                               load_ds_config, local_main_first, local_rank,
                               micro_batches_per_update, place, reference_ds_config, resolve_ds_config,
@@ -86,7 +86,8 @@ class DeepSpeedBackend(Backend):
         engine = self.ref_engine if ref else self.engine
         if engine is None:
             return completion_logprobs(self.ref, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
-        return engine(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
+        return engine(**{k: batch[k] for k in BATCH_KEYS}, **{k: batch[k] for k in VISION_KEYS if k in batch},
+                      with_entropy=with_entropy)
 
     def zero_grad(self) -> None:
         pass  # the engine zeroes its gradients at each update (engine.step)
