@@ -38,7 +38,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "embedded"          # "embedded" | hub name | local folder | file.gguf | preset name
+    name: str = "embedded"          # "embedded" | "embedded-vl" (tiny Qwen2-VL) | hub name | local folder | file.gguf | preset name
     revision: Optional[str] = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "embedded"       # "embedded" | "wordproblems" | local .json/.jsonl/.csv/.parquet | hub name
+    dataset: str = "embedded"       # "embedded" | "wordproblems" | "shapes" (images) | local .json/.jsonl/.csv/.parquet | hub name
     subset: Optional[str] = None    # hub dataset config name (e.g. "main" for openai/gsm8k)
     split: str = "train"
     eval_split: Optional[str] = None  # None: hold out `num_eval` rows of `split`
@@ -60,6 +60,8 @@ class DataConfig:
     question_field: str = "question"
     reasoning_field: str = "reasoning"
     answer_field: str = "answer"
+    image_field: str = "auto"       # column of a row's images (path, bytes, PIL image, or a list); auto = "image"
+                                    # or "images" if the rows have one; none = ignore images
     num_train: int = 0              # 0 = all rows
     num_eval: int = 256
     max_prompt_tokens: int = 512    # question + injected reasoning; longer reasoning is cut, and counted

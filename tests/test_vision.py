@@ -1,6 +1,8 @@
 """Vision-language prompts: the tiny Qwen2-VL (rtpo/embedded_vl.py), image rows, the rollout engine's
 and the log-prob pass's vision path (rtpo/vision.py) against transformers, and training end to end."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -177,3 +179,187 @@ def _double(model):
     import copy
 
     return copy.deepcopy(model).double()
+
+
+def test_a_completion_that_samples_the_image_token_stays_text(vl, prompts):
+    """A policy may sample <|image_pad|> like any token: in the log-prob pass it is text (no pixels), as
+    when transformers decodes it step by step through the KV cache (the reference here, in float64)."""
+    from transformers import DynamicCache
+
+    model, tok, vp = vl
+    ids_list, images = prompts
+    comp = [vp.image_token_id, 40, vp.image_token_id, 41]
+    batch = collate(ids_list[:2], [comp, [41]], tok.pad_token_id, images=images[:2])
+    lp, _ = completion_logprobs(model, batch, with_entropy=False)
+    m64, p, x = _double(model), torch.tensor([ids_list[0]]), images[0]
+    kv = DynamicCache(config=m64.config)
+    with torch.no_grad():  # the model places the tokens itself: prefill with the image, then one token a step
+        out = m64(input_ids=p, mm_token_type_ids=(p == m64.config.image_token_id).int(),
+                  pixel_values=x.pixel_values.double(), image_grid_thw=x.image_grid_thw, cache=kv, use_cache=True)
+        logits = [out.logits[0, -1]]
+        for t in comp[:-1]:
+            logits.append(m64(input_ids=torch.tensor([[t]]), cache=kv, use_cache=True).logits[0, -1])
+    want = torch.stack([torch.log_softmax(lg, -1)[t] for lg, t in zip(logits, comp)])
+    torch.testing.assert_close(lp[0, :len(comp)].double(), want, rtol=0, atol=2e-5)
+
+
+# --- the trainer with image rows --------------------------------------------------------------------------
+VL_FLAGS = ["--model", "embedded-vl", "--dataset", "shapes", "--data.num_eval", "4", "--loss.hint_loss", "0.5"]
+
+
+def vl_args(out, cache, *extra):
+    from conftest import tiny_args
+
+    return tiny_args(out, cache, *VL_FLAGS, *extra)
+
+
+def run_quiet(argv):
+    from rtpo.cli import parse_args
+    from rtpo.trainer import Trainer
+
+    return Trainer(parse_args([str(a) for a in argv]), log=lambda m: None).train()
+
+
+def test_shapes_rows_trace_and_image_agree():
+    """Each quarter count of the trace is the number of squares of the asked colour in that quarter of
+    the image (read back from the pixels), and the trace ends by stating the answer."""
+    import numpy as np
+
+    from rtpo import shapes
+
+    rows = shapes.make_dataset(50, seed=7)
+    assert [r["question"] for r in rows] == [r["question"] for r in shapes.make_dataset(50, seed=7)]
+    for r in rows:
+        colour = r["question"].split()[2]
+        px = np.asarray(r["image"])
+        cell_centres = [[tuple(px[14 * i + 7, 14 * j + 7]) for j in range(4)] for i in range(4)]
+        quarters = [sum(cell_centres[i][j] == shapes.COLOURS[colour] for i in range(2 * a, 2 * a + 2)
+                        for j in range(2 * b, 2 * b + 2)) for a in (0, 1) for b in (0, 1)]
+        lines = r["reasoning"].split("\n")
+        assert [int(lines[0].split("+")[0])] + [int(ln.split("+")[1].split("=")[0]) for ln in lines] == quarters
+        assert lines[-1].endswith("=" + r["answer"]) and int(r["answer"]) == sum(quarters)
+
+
+def test_shapes_splits_are_disjoint_by_image_not_by_question():
+    """Every shapes row asks one of three questions: held-out rows are told apart by their pixels."""
+    from rtpo.config import DataConfig
+    from rtpo.data import load_splits
+
+    train, ev = load_splits(DataConfig(dataset="shapes", synthetic_size=200, num_eval=20))
+    assert len(train) >= 190 and len(ev) == 20
+    assert len({e.question for e in train}) == 3 and all(e.images and e.image_digest for e in train)
+    assert not {e.identity for e in ev} & {e.identity for e in train}
+
+
+@pytest.mark.slow
+def test_rl_steps_on_the_tiny_vlm_train_checkpoint_the_processor_and_resume_exactly(tmp_path):
+    """4 RL steps (full fine-tuning, hint loss on) on image prompts update the vision tower too; the
+    checkpoint holds the image processor; 2 steps + resume + 2 steps = 4 steps (metrics, weights);
+    rtpo.eval reads the checkpoint back."""
+    from safetensors.torch import load_file
+
+    from rtpo import eval as rtpo_eval
+    from rtpo.metrics import read_metrics
+
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    run_quiet(vl_args(a, cache))
+    first = run_quiet(vl_args(b, cache, "--run.stop_after_steps", "2"))
+    assert first["steps"] == 2
+    run_quiet(vl_args(b, cache, "--resume", "auto"))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert strip(ra) == strip(rb) and len([r for r in ra if "reward" in r]) == 4
+    assert all(r["hint_nll"] is not None for r in ra if r.get("keep", 0) > 0 and "reward" in r)
+    wa = load_file(a / "checkpoints/step_000004/model.safetensors")
+    wb = load_file(b / "checkpoints/step_000004/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    w2 = load_file(b / "checkpoints/step_000002/model.safetensors")
+    vision = [k for k in wa if "visual." in k]
+    assert vision and any(not torch.equal(wa[k], w2[k]) for k in vision)  # RL reached the vision tower
+    assert (a / "checkpoints/step_000004/preprocessor_config.json").is_file()
+    assert rtpo_eval.main([str(a), "--keep", "0,1", "--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [r["n"] for r in res] == [4, 4] and res[1]["injected_tokens"] > 0
+
+
+def test_lora_on_the_tiny_vlm_trains_only_adapters(tmp_path):
+    """With LoRA (model.lora, from the LoRA branch) one RL step on image prompts changes only adapter
+    weights. Skipped until rtpo has model.lora."""
+    from rtpo.config import ModelConfig
+
+    if not hasattr(ModelConfig(), "lora"):
+        pytest.skip("model.lora is not in this rtpo (the LoRA branch adds it)")
+    from rtpo.cli import parse_args
+    from rtpo.trainer import Trainer
+
+    tr = Trainer(parse_args([str(a) for a in vl_args(tmp_path / "run", tmp_path / "cache", "--model.lora.r", "4",
+                                                       "--max_steps", "1", "--eval.num_examples", "0")]),
+                 log=lambda m: None)
+    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    tr.train()
+    changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert changed and all("lora_" in k for k in changed)
+
+
+# --- bad image input: one error line, exit 2, nothing written ----------------------------------------------
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    noise_image(56, 56, 1).save(d / "ok.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = {"question": "How many?", "reasoning": "1+1=2", "answer": "2"}
+
+    def write(name, rows):
+        (d / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return str(d / name)
+
+    n = 8
+    return {
+        "missing": write("missing.jsonl", [{**good, "image": "ok.png"}] * (n - 1) + [{**good, "image": "nope.png"}]),
+        "broken": write("broken.jsonl", [{**good, "image": "ok.png"}] * 3 + [{**good, "image": "broken.png"}] * 5),
+        "good": write("good.jsonl", [{**good, "image": "ok.png", "question": f"How many? {i}"} for i in range(n)]),
+        "field": write("field.jsonl", [{**good, "picture": "ok.png"}] * n),
+    }
+
+
+BAD_IMAGES = [
+    ("missing_file", lambda f: ["--dataset", f["missing"], "--model", "embedded-vl"],
+     ["row 7 field 'image' (data.image_field)", "image file 'nope.png' does not exist"]),
+    ("unreadable_bytes", lambda f: ["--dataset", f["broken"], "--model", "embedded-vl"],
+     ["row 3 field 'image'", "'broken.png' cannot be read as an image"]),
+    ("image_field_with_a_text_only_model", lambda f: ["--dataset", f["good"], "--model", "embedded"],
+     ["data.image_field", "has images", "text-only", "--model embedded-vl", "--data.image_field none"]),
+    ("image_field_named_but_absent", lambda f: ["--dataset", f["field"], "--model", "embedded-vl",
+                                               "--data.image_field", "photo"],
+     ["row 0 has no field 'photo' (data.image_field)", "picture"]),
+]
+
+
+@pytest.mark.parametrize("case,flags,expected", BAD_IMAGES, ids=[c[0] for c in BAD_IMAGES])
+def test_bad_image_input_one_error_line_exit_2_nothing_written(case, flags, expected, image_files, tmp_path, capfd):
+    import train
+
+    out = tmp_path / "run"
+    argv = [str(a) for a in vl_args(out, tmp_path / "cache", "--warmstart.enabled", "false", *flags(image_files))]
+    rc = train.main(argv)
+    _, err = capfd.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for s in expected:
+        assert s in lines[0], (s, lines[0])
+    assert not out.exists()
+
+
+def test_an_image_bytes_value_and_a_list_of_images_load():
+    """Rows may hold bytes, a PIL image, a datasets Image dict, or a list of them; bytes that are not an
+    image are refused with the reason."""
+    import io
+
+    from rtpo.vision import ImageError, load_images
+
+    buf = io.BytesIO()
+    noise_image(30, 20, 2).save(buf, format="PNG")
+    ims = load_images([buf.getvalue(), noise_image(10, 10, 3), {"bytes": buf.getvalue(), "path": None}])
+    assert [im.size for im in ims] == [(30, 20), (10, 10), (30, 20)] and all(im.mode == "RGB" for im in ims)
+    with pytest.raises(ImageError, match="image bytes cannot be decoded"):
+        load_images(b"GIF89a garbage")
