@@ -92,6 +92,11 @@ class WarmstartConfig:
     reasoning_fraction: float = 0.3
     mix_from: float = 0.67
     max_operands: int = 0           # > 0: warm-start questions have at most this many operands (shorter chains)
+    # Vision-language models: keep the vision encoder (patch embedding and blocks) fixed while the merger
+    # and the language model learn. The embedded VLM's random encoder, trained from scratch at the
+    # warm-start's learning rate, collapses to image-independent features (its answers stay at the
+    # majority class); fixed, its random features are informative enough (it stands in for a pretrained one).
+    freeze_vision_encoder: bool = True
 
 
 @dataclass

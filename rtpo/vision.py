@@ -159,6 +159,15 @@ def vision_trunk(model):
                      "Qwen2-VL style model")
 
 
+def vision_encoder_parameters(model) -> list:
+    """The vision encoder's parameters (patch embedding and blocks: the vision tower without its merger,
+    which maps its features into the language model); [] for a text-only model."""
+    if not is_vision_model(model):
+        return []
+    visual = vision_trunk(model).visual
+    return [p for n, p in visual.named_parameters() if not n.startswith("merger.")]
+
+
 def batch_images(per_row: list, device=None) -> dict:
     """{pixel_values, image_grid_thw} of the rows' images in row order ({} when no row has any): the order
     in which the model fills the batch's image tokens."""

@@ -98,11 +98,12 @@ def test_greedy_matches_hf_generate_on_left_padded_image_prompts(vl, prompts):
     assert len({tuple(r) for r in ref}) == len(ref)  # the rows differ: the images and prompts matter
 
 
-def test_each_image_prompt_alone_equals_its_row_in_the_batch(vl, prompts):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_each_image_prompt_alone_equals_its_row_in_the_batch(vl, prompts, cache):
     model, tok, _ = vl
     ids_list, images = prompts
     s = SamplingConfig(max_new_tokens=8, temperature=0.0, pad_token_id=tok.pad_token_id)
-    batch = generate(model, ids_list, s, images=images).completions
+    batch = generate(model, ids_list, s, images=images, cache=cache).completions
     alone = [generate(model, [p], s, images=[x]).completions[0] for p, x in zip(ids_list, images)]
     assert batch == alone
 
