@@ -364,3 +364,120 @@ def test_an_image_bytes_value_and_a_list_of_images_load():
     assert [im.size for im in ims] == [(30, 20), (10, 10), (30, 20)] and all(im.mode == "RGB" for im in ims)
     with pytest.raises(ImageError, match="image bytes cannot be decoded"):
         load_images(b"GIF89a garbage")
+
+
+@pytest.mark.parametrize("injection", ["prefix", "turn"])
+def test_image_prompts_carry_the_hint_as_text_prompts_do(vl, injection):
+    """The image tokens sit in the user turn, before any hint; keep 0 is the evaluation prompt; the hint is
+    the first floor(keep * n) trace tokens, spliced after the image exactly as for a text row."""
+    from rtpo.config import CurriculumConfig, DataConfig
+    from rtpo.data import validate_rows
+    from rtpo.prompts import PromptBuilder
+    from rtpo import shapes
+
+    _, tok, vp = vl
+    ex = validate_rows(shapes.make_dataset(1, seed=2), DataConfig(dataset="shapes"), "shapes")[0]
+    text_ex = validate_rows([{k: v for k, v in shapes.make_dataset(1, seed=2)[0].items() if k != "image"}],
+                            DataConfig(), "text")[0]
+    b = PromptBuilder(tok, CurriculumConfig(injection=injection), 512, vision=vp)
+    enc, tenc = b.encode(ex), PromptBuilder(tok, CurriculumConfig(injection=injection), 512).encode(text_ex)
+    n_img = sum(t == vp.image_token_id for t in enc.base)
+    assert n_img == 4 and enc.reasoning == tenc.reasoning
+    assert b.build(enc, 0.0)[0] == enc.base
+    # what precedes the hint: the user turn (with its image tokens) in both modes
+    head, thead = (enc.base, tenc.base) if injection == "prefix" else (enc.turn_pre, tenc.turn_pre)
+    assert head.count(vp.image_token_id) == 4
+    for keep in (0.5, 1.0):
+        p, k = b.build(enc, keep)
+        tp, tk = PromptBuilder(tok, CurriculumConfig(injection=injection), 512).build(tenc, keep)
+        assert k == tk > 0 and p[:len(head)] == head and p[len(head):] == tp[len(thead):]
+
+
+def test_warmstart_keeps_the_vision_encoder_fixed_and_trains_the_merger(vl, tmp_path):
+    from rtpo.config import RTPOConfig
+    from rtpo.data import validate_rows
+    from rtpo.prompts import PromptBuilder
+    from rtpo.vision import vision_encoder_parameters
+    from rtpo.warmstart import train_sft
+    from rtpo import shapes
+
+    _, tok, vp = vl
+    model = embedded_vl.build_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64, seed=1)
+    cfg = RTPOConfig()
+    cfg.warmstart.steps, cfg.warmstart.batch_size = 3, 4
+    exs = validate_rows(shapes.make_dataset(8, seed=2), cfg.data, "shapes")
+    enc_before = [p.detach().clone() for p in vision_encoder_parameters(model)]
+    merger = [p.detach().clone() for p in model.model.visual.merger.parameters()]
+    train_sft(model, tok, PromptBuilder(tok, cfg.curriculum, 512, vision=vp), exs, cfg.warmstart, "cpu", log=lambda m: 0)
+    after = vision_encoder_parameters(model)
+    assert len(after) > 2 and all(torch.equal(a, b) for a, b in zip(after, enc_before))
+    assert all(p.requires_grad and p.grad is None for p in after)  # trainable again, no stale gradient
+    assert any(not torch.equal(a, b) for a, b in zip(model.model.visual.merger.parameters(), merger))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_image_prompts(tmp_path):
+    """torchrun 2 processes (DDP: the images travel with each process's rows into the log-prob module)
+    equals 1 process within 1e-5 on the tiny VLM."""
+    from test_distributed import TOL, launch, max_differences, single, tiny, torchrun
+
+    cache = tmp_path / "cache"
+    extra = [*VL_FLAGS, "--loss.loss_type", "grpo"]
+    single(tiny(tmp_path / "one", cache, *extra))
+    p = launch(torchrun("train.py", *tiny(tmp_path / "ddp", cache, *extra)))
+    assert "DDP: 2 process(es)" in p.stdout + p.stderr
+    metric, weight = max_differences(tmp_path / "one", tmp_path / "ddp", 3)
+    assert metric < TOL and weight < TOL
+
+
+def tiny_qwen25_vl(tok, seed=0):
+    """A random Qwen2.5-VL (window attention in the vision tower, its own rope index): what a GPU user runs
+    at 3B, at toy size."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in embedded_vl.VISION_TOKENS}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=True,
+                         initializer_range=0.15),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], initializer_range=0.15),
+        image_token_id=ids[embedded_vl.IMAGE_PAD], video_token_id=ids[embedded_vl.VIDEO_PAD],
+        vision_start_token_id=ids[embedded_vl.VISION_START], vision_end_token_id=ids[embedded_vl.VISION_END],
+        tie_word_embeddings=True, initializer_range=0.15)
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+def test_qwen2_5_vl_greedy_and_logprobs_match_transformers(vl, prompts):
+    """The same vision path works for Qwen2.5-VL: greedy decode equals transformers' generate on the
+    left-padded image prompts, and the log-prob pass equals the model's own forward."""
+    _, tok, _ = vl
+    model = tiny_qwen25_vl(tok)
+    ids_list, images = prompts
+    T = 10
+    ours = generate(model, ids_list, SamplingConfig(max_new_tokens=T, temperature=0.0, pad_token_id=tok.pad_token_id),
+                    images=images).completions
+    inp = hf_inputs(tok, model, ids_list, images)
+    with torch.no_grad():
+        ref = model.generate(**inp, max_new_tokens=T, do_sample=False, min_new_tokens=T, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)
+    assert ours == ref[:, inp["input_ids"].shape[1]:].tolist()
+    batch = collate(ids_list, ours, tok.pad_token_id, images=images)
+    lp, _ = completion_logprobs(model, batch, with_entropy=False)
+    compared = 0
+    for i, (p, c) in enumerate(zip(ids_list, ours)):
+        if vl[2].image_token_id in c:
+            continue  # the model's own forward would read a sampled image token as a placeholder
+        compared += 1
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                           pixel_values=images[i].pixel_values, image_grid_thw=images[i].image_grid_thw).logits
+        want = torch.log_softmax(logits[0, len(p) - 1:-1].float(), -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[i, :len(c)], want, rtol=0, atol=1e-4)
+    assert compared >= 2
