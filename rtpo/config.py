@@ -48,6 +48,8 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
+    max_pixels: int = 0             # vision-language models: resize images to at most this many pixels (0 = the
+                                    # image processor's own limit; each 28x28 pixels is one image token in Qwen2-VL)
 
 
 @dataclass
@@ -422,7 +424,8 @@ def _check_signs(c: RTPOConfig) -> None:
                    ("rollout.batch_size", c.rollout.batch_size), ("warmstart.steps", c.warmstart.steps),
                    ("loss.entropy_coef", c.loss.entropy_coef), ("loss.hint_loss", c.loss.hint_loss), ("run.stop_after_steps", c.run.stop_after_steps),
                    ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
-                   ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps)]:
+                   ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps),
+                   ("model.max_pixels", c.model.max_pixels)]:
         _positive(v, key, allow_zero=True)
     for key, v in [("loss.tis_cap", c.loss.tis_cap), ("log.sample_groups", c.log.sample_groups),
                    ("log.sample_eval_rows", c.log.sample_eval_rows)]:

@@ -202,18 +202,22 @@ def load_pretrained(path: str, **kw):
     return cls.from_pretrained(path, dtype=torch.float32, **kw)
 
 
-def load_vision_processor(path: str, tokenizer, model, **kw):
+def load_vision_processor(path: str, tokenizer, model, max_pixels: int = 0, **kw):
     """The image side of a vision-language model (rtpo.vision.VisionProcessor): its image processor, from
     the model folder, checkpoint or hub name `path` (AutoImageProcessor; without torchvision transformers
-    picks the PIL implementation); None for a text-only model."""
+    picks the PIL implementation), images resized to at most `max_pixels` (0: its own limit); None for a
+    text-only model."""
     if not is_vision_config(model.config):
         return None
     from transformers import AutoImageProcessor
 
     from rtpo.vision import VisionProcessor
 
+    if max_pixels:
+        kw["max_pixels"] = max_pixels
     if path == "embedded-vl":
-        return VisionProcessor(embedded_vl.build_image_processor(), tokenizer)
+        return VisionProcessor(embedded_vl.build_image_processor(**{k: v for k, v in kw.items() if k == "max_pixels"}),
+                               tokenizer)
     try:
         ip = AutoImageProcessor.from_pretrained(path, **kw)
         return VisionProcessor(ip, tokenizer)

@@ -224,7 +224,7 @@ class Trainer:
         source = self.resume_from or c.model.name
         kw = {} if self.resume_from or source == "embedded-vl" else {"revision": c.model.revision,
                                                                       "trust_remote_code": c.model.trust_remote_code}
-        vision = load_vision_processor(source, self.tok, self.model, **kw)
+        vision = load_vision_processor(source, self.tok, self.model, max_pixels=c.model.max_pixels, **kw)
         with_images = next((e for e in self.train_rows + self.eval_rows if e.images), None)
         if with_images is not None and vision is None:
             raise ConfigError(f"data.image_field: row {with_images.index} of {c.data.dataset!r} has images, but "

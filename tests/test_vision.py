@@ -481,3 +481,15 @@ def test_qwen2_5_vl_greedy_and_logprobs_match_transformers(vl, prompts):
         want = torch.log_softmax(logits[0, len(p) - 1:-1].float(), -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
         torch.testing.assert_close(lp[i, :len(c)], want, rtol=0, atol=1e-4)
     assert compared >= 2
+
+
+def test_max_pixels_bounds_the_image_tokens_and_is_saved_with_the_processor(vl, tmp_path):
+    from rtpo.models import load_vision_processor
+
+    model, tok, _ = vl
+    big = noise_image(112, 112, 4)
+    assert load_vision_processor("embedded-vl", tok, model).token_counts([big]) == [16]
+    small = load_vision_processor("embedded-vl", tok, model, max_pixels=56 * 56)
+    assert small.token_counts([big]) == [4] and small.process([big]).image_grid_thw.tolist() == [[1, 4, 4]]
+    small.save_pretrained(str(tmp_path))
+    assert load_vision_processor(str(tmp_path), tok, model).token_counts([big]) == [4]
