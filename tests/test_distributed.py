@@ -306,6 +306,9 @@ SCENARIOS = {
     # RTPO's adaptive hints: per-example keeps (gathered from every process), hint dropout, hint loss
     "zero1_hints": (["--curriculum.per_example", "true", "--curriculum.per_example_step", "0.5",
                      "--curriculum.hint_dropout", "0.34", "--loss.hint_loss", "0.5"], "zero1", 3),
+    # image prompts (the tiny Qwen2-VL): pixel values and grids go into the engine's log-prob module
+    "zero3_vlm": (["--model", "embedded-vl", "--dataset", "shapes", "--data.num_eval", "6", "--loss.hint_loss", "0.5"],
+                  "zero3", 3),
 }
 
 
