@@ -1,25 +1,31 @@
-"""A generated image task for vision-language models (`--dataset shapes`): count the squares of one colour.
+"""A generated image task for vision-language models (`--dataset shapes`): count two colours, multiply.
 
-    image    : 56 x 56 pixels, a 4 x 4 grid of 14-pixel cells, some holding a red, green or blue square
-    question : "How many red squares?"
-    reasoning: "1+0=1\\n1+2=3\\n3+1=4"     the count in each quarter of the image (top left, top right,
-                                          bottom left, bottom right), added up one quarter per line
-    answer   : "4"
+    image    : 56 x 56 pixels, a 4 x 4 grid of 14-pixel cells, some holding a pink, gold or blue square
+    question : "Multiply the number of pink squares by the number of gold squares."
+    reasoning: "pink 2\\ngold 3\\n2*3=6"     count each colour, then one fact of the times table
+    answer   : "6"
 
-A cell is one 14-pixel patch of the embedded VLM's vision tower and a quarter (2 x 2 cells) is one of
-its 4 image tokens, so each count in the trace is read off one image token; the total in one go means
-adding four of them in the head. Like the embedded arithmetic task, the trace ends by stating the
-answer, so cutting it from the end removes the answer first. data.min_operands / data.max_operands set
-the number of squares in an image (of any colour). Rows are a pure function of (seed, index).
+Like the embedded arithmetic task, each step is easy and the whole in one go is not: a count is one
+look over the image (a cell is one 14-pixel patch of the embedded VLM's vision tower), the product of
+two counts is a table fact once both are written, but answering at once means holding both counts and
+multiplying in the head. The trace ends by stating the answer, so cutting it from the end removes the
+answer first. 1-3 pink and 1-3 gold squares (products 1..9, the most common 2, 3 and 6 at 2/9 each)
+plus data.min_operands .. data.max_operands - 4 blue ones (at least 0). Rows are a pure function of
+(seed, index).
+
+A first version asked for one colour and added the four quarters' counts (one line per quarter): the
+tiny model never learned to read a count off one quarter (its trace counts stayed at the prior after
+600 warm-start steps), and RL then taught it to write wrong traces (accuracy 41 % -> 9 %).
 """
 
 from __future__ import annotations
 
 import random
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220)}
+COLOURS = {"pink": (240, 80, 160), "gold": (230, 180, 0), "blue": (40, 60, 220)}
 GRID, CELL, MARGIN = 4, 14, 2  # a 4x4 grid of 14-pixel cells: 56x56 pixels; squares inset by 2 pixels
 BACKGROUND = (255, 255, 255)
+QUESTION = "Multiply the number of pink squares by the number of gold squares."
 
 
 def draw(cells: dict):
@@ -34,31 +40,16 @@ def draw(cells: dict):
     return im
 
 
-def quarter_counts(cells: dict, colour: str) -> list:
-    """Squares of `colour` in each quarter: top left, top right, bottom left, bottom right."""
-    h = GRID // 2
-    return [sum(1 for (r, c), col in cells.items() if col == colour and r // h == qr and c // h == qc)
-            for qr in (0, 1) for qc in (0, 1)]
-
-
-def trace(counts: list) -> str:
-    """Running sum over the quarters, one addition per line: "1+0=1\\n1+2=3\\n3+1=4"."""
-    lines, total = [], counts[0]
-    for x in counts[1:]:
-        lines.append(f"{total}+{x}={total + x}")
-        total += x
-    return "\n".join(lines)
+def trace(pink: int, gold: int) -> str:
+    return f"pink {pink}\ngold {gold}\n{pink}*{gold}={pink * gold}"
 
 
 def make_example(rng: random.Random, min_operands: int = 3, max_operands: int = 8) -> dict:
-    n = rng.randint(min(min_operands, GRID * GRID), min(max_operands, GRID * GRID))
-    where = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n)
-    names = list(COLOURS)
-    cells = {rc: rng.choice(names) for rc in where}
-    colour = rng.choice(names)
-    counts = quarter_counts(cells, colour)
-    return {"question": f"How many {colour} squares?", "reasoning": trace(counts), "answer": str(sum(counts)),
-            "image": draw(cells)}
+    pink, gold = rng.randint(1, 3), rng.randint(1, 3)
+    blue = rng.randint(max(min_operands - 4, 0), max(max_operands - 4, 0))
+    where = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], pink + gold + blue)
+    cells = dict(zip(where, ["pink"] * pink + ["gold"] * gold + ["blue"] * blue))
+    return {"question": QUESTION, "reasoning": trace(pink, gold), "answer": str(pink * gold), "image": draw(cells)}
 
 
 def make_dataset(size: int, seed: int, min_operands: int = 3, max_operands: int = 8, **_) -> list[dict]:

@@ -222,33 +222,33 @@ def run_quiet(argv):
 
 
 def test_shapes_rows_trace_and_image_agree():
-    """Each quarter count of the trace is the number of squares of the asked colour in that quarter of
-    the image (read back from the pixels), and the trace ends by stating the answer."""
+    """The trace's counts are the pink and gold squares of the image (read back from its pixels), the
+    last line multiplies them and states the answer; the same seed gives the same rows."""
     import numpy as np
 
     from rtpo import shapes
 
-    rows = shapes.make_dataset(50, seed=7)
-    assert [r["question"] for r in rows] == [r["question"] for r in shapes.make_dataset(50, seed=7)]
+    rows = shapes.make_dataset(60, seed=7, max_operands=8)
+    again = shapes.make_dataset(60, seed=7, max_operands=8)
+    assert [r["reasoning"] for r in rows] == [r["reasoning"] for r in again]
+    assert [np.asarray(r["image"]).tobytes() for r in rows] == [np.asarray(r["image"]).tobytes() for r in again]
     for r in rows:
-        colour = r["question"].split()[2]
         px = np.asarray(r["image"])
-        cell_centres = [[tuple(px[14 * i + 7, 14 * j + 7]) for j in range(4)] for i in range(4)]
-        quarters = [sum(cell_centres[i][j] == shapes.COLOURS[colour] for i in range(2 * a, 2 * a + 2)
-                        for j in range(2 * b, 2 * b + 2)) for a in (0, 1) for b in (0, 1)]
-        lines = r["reasoning"].split("\n")
-        assert [int(lines[0].split("+")[0])] + [int(ln.split("+")[1].split("=")[0]) for ln in lines] == quarters
-        assert lines[-1].endswith("=" + r["answer"]) and int(r["answer"]) == sum(quarters)
+        centres = [tuple(px[14 * i + 7, 14 * j + 7]) for i in range(4) for j in range(4)]
+        pink, gold = (sum(c == shapes.COLOURS[k] for c in centres) for k in ("pink", "gold"))
+        assert r["reasoning"] == f"pink {pink}\ngold {gold}\n{pink}*{gold}={pink * gold}"
+        assert r["answer"] == str(pink * gold) and r["reasoning"].endswith("=" + r["answer"])
+    assert len({r["answer"] for r in rows}) >= 5
 
 
 def test_shapes_splits_are_disjoint_by_image_not_by_question():
-    """Every shapes row asks one of three questions: held-out rows are told apart by their pixels."""
+    """Every shapes row asks the same question: held-out rows are told apart by their pixels."""
     from rtpo.config import DataConfig
     from rtpo.data import load_splits
 
-    train, ev = load_splits(DataConfig(dataset="shapes", synthetic_size=200, num_eval=20))
-    assert len(train) >= 190 and len(ev) == 20
-    assert len({e.question for e in train}) == 3 and all(e.images and e.image_digest for e in train)
+    train, ev = load_splits(DataConfig(dataset="shapes", synthetic_size=200, num_eval=20, max_operands=8))
+    assert len(train) >= 180 and len(ev) == 20
+    assert len({e.question for e in train}) == 1 and all(e.images and e.image_digest for e in train)
     assert not {e.identity for e in ev} & {e.identity for e in train}
 
 
