@@ -48,6 +48,11 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
+    # Vision-language models: the vision encoder (patch embedding and blocks) stays fixed in the warm-start
+    # and in RL; the merger and the language model learn (as VLM RL recipes usually do). Trained, the embedded
+    # VLM's tiny encoder collapsed: from scratch in the warm-start to image-independent features (answers at
+    # the majority class), and in RL its first updates broke the warm-started counting (accuracy 1.0 -> 0.19).
+    freeze_vision_encoder: bool = True
     max_pixels: int = 0             # vision-language models: resize images to at most this many pixels (0 = the
                                     # image processor's own limit; each 28x28 pixels is one image token in Qwen2-VL)
 
@@ -94,11 +99,6 @@ class WarmstartConfig:
     reasoning_fraction: float = 0.3
     mix_from: float = 0.67
     max_operands: int = 0           # > 0: warm-start questions have at most this many operands (shorter chains)
-    # Vision-language models: keep the vision encoder (patch embedding and blocks) fixed while the merger
-    # and the language model learn. The embedded VLM's random encoder, trained from scratch at the
-    # warm-start's learning rate, collapses to image-independent features (its answers stay at the
-    # majority class); fixed, its random features are informative enough (it stands in for a pretrained one).
-    freeze_vision_encoder: bool = True
 
 
 @dataclass

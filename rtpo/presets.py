@@ -43,7 +43,7 @@ PRESETS = {
     "shapes": {
         "model.name": "embedded-vl", "data.dataset": "shapes", "data.synthetic_size": 2000, "data.num_eval": 128,
         "data.min_operands": 3, "data.max_operands": 8, "data.max_prompt_tokens": 128,
-        "warmstart.steps": 900, "warmstart.num_examples": 2000,
+        "warmstart.steps": 600, "warmstart.num_examples": 2000,
         "rollout.prompts_per_step": 8, "rollout.num_generations": 8, "rollout.max_new_tokens": 32,
         "loss.hint_loss": 1.0, "run.max_steps": 40,
         "eval.every": 10, "eval.num_examples": 128, "eval.max_new_tokens": 32,

@@ -31,6 +31,7 @@ from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after
 from rtpo.models import load_model_and_tokenizer, load_pretrained, load_tokenizer, load_vision_processor
 from rtpo.backends import Backend, LocalBackend, make_backend
 from rtpo.stages import Rollout, Scores, expand
+from rtpo.vision import vision_encoder_parameters
 from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
                           missing_arguments, score)
 
@@ -167,14 +168,16 @@ class Trainer:
                                      vision=self.vision)
         self.train_enc, self.train_rows = self._encode(self.train_rows, "train")
         self.eval_enc, self.eval_rows = self._encode(self.eval_rows, "eval")
+        self._freeze_vision_encoder(self.model)
         if self.resume_from is None:
-            self.model = self._warmstarted(self.model)
+            self.model = self._freeze_vision_encoder(self._warmstarted(self.model))  # a cached copy is loaded unfrozen
         self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.ref = None
         if cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
-            start = self.model if self.resume_from is None else self._warmstarted(self._starting_model()[0])
+            start = self.model if self.resume_from is None else self._warmstarted(
+                self._freeze_vision_encoder(self._starting_model()[0]))
             self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
         self.eos_ids = tuple(sorted({self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))))
@@ -216,6 +219,13 @@ class Trainer:
             self.log(f"[rtpo] resuming from {self.resume_from}")
             return load_pretrained(self.resume_from), load_tokenizer(self.resume_from)
         return self._starting_model()
+
+    def _freeze_vision_encoder(self, model):
+        """model.freeze_vision_encoder: no gradient for a VLM's vision encoder (warm-start and RL)."""
+        if self.cfg.model.freeze_vision_encoder:
+            for p in vision_encoder_parameters(model):
+                p.requires_grad_(False)
+        return model
 
     def _load_vision(self):
         """The image processor of a vision-language model (saved in every checkpoint), or None. Rows with

@@ -16,7 +16,7 @@ import torch
 
 from rtpo.checkpoint import write_atomically
 from rtpo.prompts import PromptBuilder, response_ids
-from rtpo.vision import batch_images, is_vision_model, mrope_positions, vision_encoder_parameters
+from rtpo.vision import batch_images, is_vision_model, mrope_positions
 
 
 def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
@@ -31,7 +31,8 @@ def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
         "rows": hashlib.sha256("\n".join(e.question + e.image_digest for e in examples).encode()).hexdigest(),
         "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed",
                                                    "reasoning_fraction", "mix_from", "max_operands")}
-                     | ({"freeze_vision_encoder": wc.freeze_vision_encoder} if is_vision_model(model) else {}),
+                     | ({"frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad)}
+                        if is_vision_model(model) else {}),
         "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt", "modulus")},
         "think": [cc.think_open, cc.think_close], "version": 2,
     }, sort_keys=True, default=str)
@@ -76,22 +77,11 @@ def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, se
     encs = [(ex, builder.encode(ex)) for ex in examples]
     data = [(enc.base, response_ids(builder, ex, enc, eos), response_ids(builder, ex, enc, eos, with_reasoning=False),
              enc) for ex, enc in encs]
-    frozen = vision_encoder_parameters(model) if wc.freeze_vision_encoder else []
-    params = [p for p in model.parameters() if all(p is not q for q in frozen)]
+    params = [p for p in model.parameters() if p.requires_grad]  # a frozen vision encoder stays as it is
     opt = torch.optim.AdamW(params, lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))
     model.train()
-    for q in frozen:  # no gradient is computed (or left behind) for the fixed encoder; RL trains it again
-        q.requires_grad_(False)
-    try:
-        return _sft_loop(model, tokenizer, builder, data, wc, device, rng, opt, sched, params, log)
-    finally:
-        for q in frozen:
-            q.requires_grad_(True)
-
-
-def _sft_loop(model, tokenizer, builder, data, wc, device, rng, opt, sched, params, log):
     recent = []
     for step in range(wc.steps):
         p = reasoning_probability(step, wc)
