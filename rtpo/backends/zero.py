@@ -86,7 +86,7 @@ class DeepSpeedBackend(Backend):
     def logprobs(self, batch, ref=False, with_entropy=True):
         if ref and isinstance(self.ref, AdaptersOff):  # LoRA: the policy's engine with its adapters off
             with self.ref.off():
-                return self.engine(**{k: batch[k] for k in BATCH_KEYS}, with_entropy=with_entropy)
+                return self.engine(**batch, with_entropy=with_entropy)
         engine = self.ref_engine if ref else self.engine
         if engine is None:
             return completion_logprobs(self.ref, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
