@@ -304,6 +304,37 @@ def test_lora_on_the_tiny_vlm_trains_only_adapters(tmp_path):
     assert changed and all("lora_" in k for k in changed)
 
 
+def test_lora_on_the_tiny_vlm_resumes_exactly_and_exports_a_vision_language_model(tmp_path):
+    """LoRA on image prompts end to end: 2 steps + resume + 2 steps = 4 steps (metrics, adapter weights);
+    the checkpoint is a PEFT adapter on the warm-started base; rtpo.eval reads the run back; rtpo.export
+    writes a merged vision-language model (its class, no LoRA weights left) with its image processor."""
+    from safetensors.torch import load_file
+
+    from rtpo import eval as rtpo_eval, export
+    from rtpo.metrics import read_metrics
+    from rtpo.models import load_pretrained
+
+    pytest.importorskip("peft")
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    lora = ("--model.lora.r", "4", "--lr", "1e-2")
+    run_quiet(vl_args(a, cache, *lora))
+    assert run_quiet(vl_args(b, cache, *lora, "--run.stop_after_steps", "2"))["steps"] == 2
+    run_quiet(vl_args(b, cache, *lora, "--resume", "auto"))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(a / "metrics.jsonl")) == strip(read_metrics(b / "metrics.jsonl"))
+    ck = a / "checkpoints/step_000004"
+    wa, wb = load_file(ck / "adapter_model.safetensors"), load_file(b / "checkpoints/step_000004/adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (ck / "model.safetensors").exists() and (ck / "preprocessor_config.json").is_file()
+    assert rtpo_eval.main([str(a), "--keep", "0", "--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+    out = tmp_path / "merged"
+    assert export.main([str(ck), str(out)]) == 0
+    assert (out / "preprocessor_config.json").is_file()
+    merged = load_pretrained(str(out))
+    assert type(merged).__name__.endswith("ForConditionalGeneration")
+    assert not any("lora_" in k for k in merged.state_dict())
+
+
 # --- bad image input: one error line, exit 2, nothing written ----------------------------------------------
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
