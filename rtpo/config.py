@@ -52,7 +52,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "embedded"          # "embedded" | hub name | local folder | file.gguf | preset name
+    name: str = "embedded"          # "embedded" | "embedded-vl" (tiny Qwen2-VL) | hub name | local folder | file.gguf | preset name
     revision: Optional[str] = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -63,11 +63,18 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     lora: LoraConfig = field(default_factory=LoraConfig)  # --model.lora.r 8 (or --lora.r 8) turns LoRA on
+    # Vision-language models: the vision encoder (patch embedding and blocks) stays fixed in the warm-start
+    # and in RL; the merger and the language model learn (as VLM RL recipes usually do). Trained, the embedded
+    # VLM's tiny encoder collapsed: from scratch in the warm-start to image-independent features (answers at
+    # the majority class), and in RL its first updates broke the warm-started counting (accuracy 1.0 -> 0.19).
+    freeze_vision_encoder: bool = True
+    max_pixels: int = 0             # vision-language models: resize images to at most this many pixels (0 = the
+                                    # image processor's own limit; each 28x28 pixels is one image token in Qwen2-VL)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "embedded"       # "embedded" | "wordproblems" | local .json/.jsonl/.csv/.parquet | hub name
+    dataset: str = "embedded"       # "embedded" | "wordproblems" | "shapes" (images) | local .json/.jsonl/.csv/.parquet | hub name
     subset: Optional[str] = None    # hub dataset config name (e.g. "main" for openai/gsm8k)
     split: str = "train"
     eval_split: Optional[str] = None  # None: hold out `num_eval` rows of `split`
@@ -75,6 +82,8 @@ class DataConfig:
     question_field: str = "question"
     reasoning_field: str = "reasoning"
     answer_field: str = "answer"
+    image_field: str = "auto"       # column of a row's images (path, bytes, PIL image, or a list); auto = "image"
+                                    # or "images" if the rows have one; none = ignore images
     num_train: int = 0              # 0 = all rows
     num_eval: int = 256
     max_prompt_tokens: int = 512    # question + injected reasoning; longer reasoning is cut, and counted
@@ -491,7 +500,8 @@ def _check_signs(c: RTPOConfig) -> None:
                    ("loss.entropy_coef", c.loss.entropy_coef), ("loss.hint_loss", c.loss.hint_loss), ("run.stop_after_steps", c.run.stop_after_steps),
                    ("checkpoint.keep_last", c.checkpoint.keep_last), ("run.num_threads", c.run.num_threads),
                    ("optim.lr_warmup_steps", c.optim.lr_warmup_steps), ("optim.eps", c.optim.eps),
-                   ("optim.micro_batch_tokens", c.optim.micro_batch_tokens)]:
+                   ("optim.micro_batch_tokens", c.optim.micro_batch_tokens),
+                   ("model.max_pixels", c.model.max_pixels)]:
         _positive(v, key, allow_zero=True)
     for key, v in [("loss.tis_cap", c.loss.tis_cap), ("log.sample_groups", c.log.sample_groups),
                    ("log.sample_eval_rows", c.log.sample_eval_rows)]:

@@ -14,8 +14,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from rtpo import synthetic, wordproblems
+from rtpo import shapes, synthetic, wordproblems
 from rtpo.config import DataConfig
+from rtpo.vision import ImageError, image_digest, image_field, load_images
 
 
 class DataError(ValueError):
@@ -31,12 +32,19 @@ class Example:
     # every column of the raw row by name (question / reasoning / answer included, as they were in
     # the source): reward functions receive them as keyword arguments (rtpo/rewards.py)
     columns: dict = field(default_factory=dict, compare=False, repr=False)
+    images: tuple = field(default=(), compare=False, repr=False)  # decoded RGB PIL images (data.image_field)
+    image_digest: str = ""  # hash of the pixels ("" without images): rows asking the same question differ by it
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two rows the same example: the question and, for image rows, the pixels."""
+        return self.question, self.image_digest
 
 
 # Datasets generated in code, by data.dataset name: each module has make_dataset(size, seed,
 # min_operands, max_operands, max_operand) and disjoint TRAIN_SEED / EVAL_SEED / VALIDATION_SEED /
 # WARMSTART_SEED.
-GENERATED = {"embedded": synthetic, "wordproblems": wordproblems}
+GENERATED = {"embedded": synthetic, "wordproblems": wordproblems, "shapes": shapes}
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # GSM8K calculator annotations such as "<<48/2=24>>" are not reasoning text.
 _CALC = re.compile(r"<<[^>]*>>")
@@ -58,10 +66,17 @@ def validate_rows(rows, cfg: DataConfig, source: str) -> list[Example]:
     if fmt == "auto":
         first = rows[0] if len(rows) else {}
         fmt = "gsm8k" if rf not in first and af in first and "####" in str(first.get(af, "")) else "fields"
+    imf = image_field(cfg.image_field, rows[0] if len(rows) and isinstance(rows[0], dict) else {})
+    # relative image paths are looked up next to a local dataset file first
+    base_dir = os.path.dirname(os.path.abspath(cfg.dataset)) if os.path.isfile(cfg.dataset) else None
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{source}: row {i} is a {type(row).__name__}, expected an object with fields")
+        if imf is not None and imf not in row:
+            have = ", ".join(map(str, row.keys()))
+            raise DataError(f"{source}: row {i} has no field {imf!r} (data.image_field); fields present: {have}. "
+                            "Set --data.image_field to the image column, or none for text-only rows")
         for name, key in [("question_field", qf), ("answer_field", af)] + ([("reasoning_field", rf)] if fmt == "fields" else []):
             if key not in row:
                 have = ", ".join(map(str, row.keys()))
@@ -91,7 +106,13 @@ def validate_rows(rows, cfg: DataConfig, source: str) -> list[Example]:
                 raise DataError(f"{source}: row {i} field {af!r} (answer) must be text or a number, got {type(answer).__name__}")
         if not answer.strip():
             raise DataError(f"{source}: row {i} field {af!r} (answer) is empty; every row needs an answer to reward")
-        out.append(Example(q.strip(), reasoning.strip(), answer.strip(), i, columns=dict(row)))
+        try:
+            images = load_images(row[imf], base_dir) if imf is not None else ()
+        except ImageError as e:
+            raise DataError(f"{source}: row {i} field {imf!r} (data.image_field): {e}; fix or remove the row, or "
+                            "set --data.image_field none to train without images") from None
+        out.append(Example(q.strip(), reasoning.strip(), answer.strip(), i, columns=dict(row), images=images,
+                           image_digest=image_digest(images)))
     return out
 
 
@@ -216,8 +237,8 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
                             "lower --data.num_eval or give --data.eval_split")
         train, ev = train[:-cfg.num_eval] if cfg.num_eval else train, train[-cfg.num_eval:] if cfg.num_eval else []
     ev = ev[: cfg.num_eval]
-    held = {e.question for e in ev}
-    train = [e for e in train if e.question not in held]
+    held = {e.identity for e in ev}
+    train = [e for e in train if e.identity not in held]
     if cfg.num_train:
         train = train[: cfg.num_train]
     if not train:
@@ -225,11 +246,12 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     return train, ev
 
 
-def warmstart_rows(cfg: DataConfig, exclude: set[str], num: int, max_operands: int = 0) -> list[Example]:
-    """Rows for the supervised warm-start, disjoint from the RL train and eval questions: the generated
-    task's own warm-start split (at most `max_operands` numbers per question when > 0)."""
+def warmstart_rows(cfg: DataConfig, exclude: set, num: int, max_operands: int = 0) -> list[Example]:
+    """Rows for the supervised warm-start, disjoint from the RL train and eval examples (`exclude`: their
+    Example.identity): the generated task's own warm-start split (at most `max_operands` numbers per
+    question when > 0)."""
     if cfg.dataset not in GENERATED:
         raise DataError(f"warmstart.enabled needs a generated dataset ({', '.join(GENERATED)}) or a model that "
                         "already knows the format; set --warmstart.enabled false")
     rows = generate_rows(cfg, "warmstart", num, max_operands)
-    return [e for e in validate_rows(rows, cfg, f"{cfg.dataset}[warmstart]") if e.question not in exclude]
+    return [e for e in validate_rows(rows, cfg, f"{cfg.dataset}[warmstart]") if e.identity not in exclude]

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from rtpo import checkpoint as ckpt, lora
 from rtpo.config import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # a vision-language model's image processor
 
 
 def resolve(target: str) -> str:
@@ -36,10 +38,7 @@ def resolve(target: str) -> str:
 
 def export(target: str, out: str, log=print) -> str:
     """Write CHECKPOINT's model (its adapter merged into the base) and tokenizer to `out`, atomically."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rtpo.models import load_tokenizer
+    from rtpo.models import load_pretrained, load_tokenizer
 
     path = resolve(target)
     if os.path.exists(out) and os.listdir(out):
@@ -50,7 +49,7 @@ def export(target: str, out: str, log=print) -> str:
         tok = load_tokenizer(path if has_tok else lora.resolve_base(path)[0])
         what = f"adapter {path} merged into {lora.resolve_base(path)[0]}"
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_pretrained(path)
         tok, what = load_tokenizer(path), f"full weights of {path}"
     if os.path.isdir(out):
         os.rmdir(out)  # empty: write_atomically renames a complete folder into its place
@@ -58,6 +57,9 @@ def export(target: str, out: str, log=print) -> str:
     def write(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        for name in PROCESSOR_FILES:  # a vision-language checkpoint's image processor travels with it
+            if os.path.isfile(os.path.join(path, name)):
+                shutil.copy2(os.path.join(path, name), os.path.join(tmp, name))
 
     ckpt.write_atomically(out, write)
     log(f"[rtpo.export] {what} -> {out}")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rtpo.vision import batch_images, mrope_positions
+
 log = logging.getLogger(__name__)
 
 # Compact the batch once this fraction of its rows has finished (compact="auto"). Measured on CPU
@@ -121,11 +123,12 @@ def _forward_kwargs(model) -> dict:
     return _SIG_CACHE[key]
 
 
-def _forward(model, ids, pos, mask, kv) -> torch.Tensor:
-    """Float32 logits of the last position, [B, V]; `kv` is updated in place."""
+def _forward(model, ids, pos, mask, kv, extra=None) -> torch.Tensor:
+    """Float32 logits of the last position, [B, V]; `kv` is updated in place. `extra`: more model inputs
+    (the prefill's pixel_values / image_grid_thw)."""
     kw = dict(_forward_kwargs(model))
     kw[kw.pop("cache_arg")] = kv
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw, **(extra or {}))
     return out.logits[:, -1].float()
 
 
@@ -231,19 +234,27 @@ class _Batch:
     P: int                   # padded prompt length: the token fed at step t goes to slot P + t - 1
 
 
-def _prefill(model, prompts, row0, G, sampling, *, share_prefix, cache, compiled, device) -> tuple:
+def _prefill(model, prompts, row0, G, sampling, *, share_prefix, cache, compiled, device, images=None) -> tuple:
     """Run the prompts through the model once -> (_Batch of len(prompts) * G rows, [B, V] logits).
 
     With share_prefix each distinct prompt is prefilled once and its KV cache replicated G times
-    (rows r*G .. r*G+G-1 continue prompt r); without, each of its G copies is prefilled."""
+    (rows r*G .. r*G+G-1 continue prompt r; its images are encoded once); without, each of its G copies
+    is prefilled. `images`: per prompt, its rtpo.vision.ImageInputs or None."""
     T = sampling.max_new_tokens
     ids, mask, pos = _left_pad(prompts, sampling.pad_token_id, device)
     if not share_prefix:
         ids, mask, pos = (x.repeat_interleave(G, 0) for x in (ids, mask, pos))
+        images = None if images is None else [x for x in images for _ in range(G)]
+    extra = batch_images(images, device) if images is not None else {}
+    if extra:  # M-RoPE: 3-D positions from the model; decoding continues at real tokens + rope delta
+        pos, delta = mrope_positions(model, ids, mask, extra["image_grid_thw"])
+        next_pos = mask.sum(-1) + delta
+    else:
+        next_pos = pos[:, -1] + 1
     kv = _new_dynamic_cache(model)
-    logits = _forward(model, ids, pos, mask, kv)
+    logits = _forward(model, ids, pos, mask, kv, extra)
     if share_prefix and G > 1:
-        logits, mask, pos = (x.repeat_interleave(G, 0) for x in (logits, mask, pos))
+        logits, mask, next_pos = (x.repeat_interleave(G, 0) for x in (logits, mask, next_pos))
         _map_kv(kv, lambda t: t.repeat_interleave(G, 0))
     B, P = mask.shape
     slots = P + T - 1  # the last sampled token is never fed
@@ -253,7 +264,7 @@ def _prefill(model, prompts, row0, G, sampling, *, share_prefix, cache, compiled
     attn[:, :P] = mask
     if cache == "static" and T > 1:
         kv = _to_static(model, kv, slots)
-    return _Batch(kv, attn, pos[:, -1] + 1, list(range(row0, row0 + B)), P), logits
+    return _Batch(kv, attn, next_pos, list(range(row0, row0 + B)), P), logits
 
 
 def _compact(batch: _Batch, keep: list) -> torch.Tensor:
@@ -279,7 +290,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def _generate_chunk(model, prompts, row0, G, sampling, uniforms, out, stats, *, tokenizer,
-                    share_prefix, cache, step_fn, compact_at, compiled, device) -> None:
+                    share_prefix, cache, step_fn, compact_at, compiled, device, images=None) -> None:
     """Generate rows row0 .. row0 + len(prompts) * G - 1 into out["completions"] / out["reasons"]
     (and out["logprobs"] when it is a list)."""
     T = sampling.max_new_tokens
@@ -289,7 +300,7 @@ def _generate_chunk(model, prompts, row0, G, sampling, uniforms, out, stats, *, 
 
     t0 = time.perf_counter()
     batch, logits = _prefill(model, prompts, row0, G, sampling, share_prefix=share_prefix, cache=cache,
-                             compiled=compiled, device=device)
+                             compiled=compiled, device=device, images=images)
     _sync(device)
     stats["prefill_s"] += time.perf_counter() - t0
     stats["prefill_tokens"] += (len(prompts) if share_prefix else len(prompts) * G) * batch.P
@@ -374,7 +385,7 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
              generator: torch.Generator | None = None, tokenizer=None, share_prefix: bool = True,
              cache: str = "dynamic", compile: bool = False, compact: bool | str | float = "auto",
              batch_size: int | None = None, uniforms: torch.Tensor | None = None,
-             return_logprobs: bool = False) -> GenerationOutput:
+             return_logprobs: bool = False, images: list | None = None) -> GenerationOutput:
     """Sample num_samples completions for every prompt (lists of token ids).
 
     share_prefix: prefill each prompt once and replicate its KV cache for its samples.
@@ -389,8 +400,12 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
         batch, so that its rows sample exactly what one process sampling the whole batch would.
     return_logprobs: also return each generated token's log-prob under the sampler's own forward
         (`GenerationOutput.logprobs`): one log_softmax per step, for truncated importance sampling.
+    images: per prompt, its rtpo.vision.ImageInputs (pixel_values, image_grid_thw) or None; the prompt
+        holds the matching image tokens. They enter the prefill only (with M-RoPE 3-D positions).
     The model's train/eval mode and dtype are left as they are."""
     _validate(prompts, sampling, num_samples, tokenizer, cache)
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
     device = next(model.parameters()).device
     G, T = num_samples, sampling.max_new_tokens
     N = len(prompts) * G
@@ -422,7 +437,8 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
     for start in range(0, len(prompts), per_chunk):
         _generate_chunk(model, prompts[start:start + per_chunk], start * G, G, sampling, uniforms, out,
                         stats, tokenizer=tokenizer, share_prefix=share_prefix, cache=cache,
-                        step_fn=step_fn, compact_at=compact_at, compiled=compiled, device=device)
+                        step_fn=step_fn, compact_at=compact_at, compiled=compiled, device=device,
+                        images=None if images is None else images[start:start + per_chunk])
         stats["chunks"] += 1
     stats["tokens_generated"] = sum(len(c) for c in out["completions"])
     stats["compiled"] = compiled

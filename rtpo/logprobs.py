@@ -26,17 +26,20 @@ import numpy as np
 import torch
 
 from kernels import linear_logprobs
+from rtpo.vision import batch_images, prompt_image_hidden
 
 # Attention implementations that take a custom 4D mask as given (transformers' masking_utils returns a
 # 4D mask as-is); flash-attention kernels take no mask, so packing falls back to the padded layout there.
 PACKED_ATTENTION = ("sdpa", "eager")
 
 
-def collate(prompts: list, completions: list, pad_id: int, device=None) -> dict:
+def collate(prompts: list, completions: list, pad_id: int, device=None, images: list | None = None) -> dict:
     """[left-padded prompt | right-padded completion] rows.
 
     input_ids/attention_mask/position_ids: [B, P + T]; completion_ids/completion_mask: [B, T];
-    prompt_len: P. Positions count real tokens only, as in generation."""
+    prompt_len: P. Positions count real tokens only, as in generation. `images`: per row, its
+    rtpo.vision.ImageInputs or None; when any row has images the batch also holds pixel_values and
+    image_grid_thw (and the forward computes M-RoPE positions from the model)."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     T = max(max((len(c) for c in completions), default=0), 1)
@@ -53,6 +56,8 @@ def collate(prompts: list, completions: list, pad_id: int, device=None) -> dict:
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
            "completion_ids": ids[:, P:].clone(), "completion_mask": cmask, "prompt_len": P}
+    if images is not None:
+        out.update(batch_images(images))
     if device is not None:
         out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
     return out
@@ -187,8 +192,12 @@ def packing_problem(model, longest: int) -> str | None:
 
 
 def make_batch(model, prompts: list, completions: list, pad_id: int, device=None, *, packing: bool = True,
-               share_prefix: bool = True) -> dict:
-    """`pack` where the model can take it (`packing_problem`), else `collate`."""
+               share_prefix: bool = True, images: list | None = None) -> dict:
+    """`pack` where the model can take it (`packing_problem`), else `collate`. Rows with images (per row:
+    None or a list of processed images) take the padded layout: the vision tower and M-RoPE positions
+    run in the model's own forward, which packed trees would have to re-derive per tree."""
+    if images is not None and any(images):
+        return collate(prompts, completions, pad_id, device, images=images)
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     if packing and packing_problem(model, longest) is None:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -238,6 +247,8 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
             return _from_logits(logits.view(*idx.shape, -1), batch, mask, temperature, with_entropy)
         hidden = model.get_decoder()(**fwd).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+    elif batch.get("pixel_values") is not None:  # image prompts: vision tower + decoder with M-RoPE positions
+        hidden = prompt_image_hidden(model, batch)[:, batch["prompt_len"] - 1:-1]
     else:
         P = batch["prompt_len"]
         fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}

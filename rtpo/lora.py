@@ -193,12 +193,13 @@ def resolve_base(folder: str) -> tuple[str, str | None]:
 
 
 def load_base(folder: str):
-    """The base model of adapter `folder` (float32, CPU), as an ordinary transformers model."""
-    from transformers import AutoModelForCausalLM
+    """The base model of adapter `folder` (float32, CPU), as an ordinary transformers model (a
+    vision-language one for a vision-language base)."""
+    from rtpo.models import load_pretrained
 
     base, rev = resolve_base(folder)
     try:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, revision=rev)
+        return load_pretrained(base, revision=rev)
     except OSError as e:
         raise ConfigError(f"adapter {folder}: its base model {base!r} could not be loaded ({e})") from None
 

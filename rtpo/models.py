@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rtpo import embedded
+from rtpo import embedded, embedded_vl
 from rtpo.checkpoint import WEIGHT_FILES, write_atomically
 from rtpo.config import ConfigError, ModelConfig
 
@@ -187,6 +187,46 @@ def check_model_folder(name: str, path: str) -> None:
                           "written by save_pretrained (e.g. <run>/checkpoints/step_N), a .gguf file or a hub name")
 
 
+def is_vision_config(config) -> bool:
+    """A vision-language model's config (Qwen2-VL and kin: a vision tower and an image token)."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "image_token_id", None) is not None
+
+
+def load_pretrained(path: str, **kw):
+    """A saved model in float32: AutoModelForCausalLM, or AutoModelForImageTextToText for a
+    vision-language config (transformers maps Qwen2-VL to the latter only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path, **kw)
+    cls = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def load_vision_processor(path: str, tokenizer, model, max_pixels: int = 0, **kw):
+    """The image side of a vision-language model (rtpo.vision.VisionProcessor): its image processor, from
+    the model folder, checkpoint or hub name `path` (AutoImageProcessor; without torchvision transformers
+    picks the PIL implementation), images resized to at most `max_pixels` (0: its own limit); None for a
+    text-only model."""
+    if not is_vision_config(model.config):
+        return None
+    from transformers import AutoImageProcessor
+
+    from rtpo.vision import VisionProcessor
+
+    if max_pixels:
+        kw["max_pixels"] = max_pixels
+    if path == "embedded-vl":
+        return VisionProcessor(embedded_vl.build_image_processor(**{k: v for k, v in kw.items() if k == "max_pixels"}),
+                               tokenizer)
+    try:
+        ip = AutoImageProcessor.from_pretrained(path, **kw)
+        return VisionProcessor(ip, tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name {path!r} is a vision-language model, but its image processor cannot be "
+                          f"loaded ({type(e).__name__}: {' '.join(str(e).split())}); the folder needs its "
+                          "preprocessor_config.json") from None
+
+
 def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
     """(model in float32 on CPU, tokenizer). The trainer moves the model to its device."""
     if mc.name == "embedded":
@@ -194,15 +234,18 @@ def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
         model = embedded.build_model(tok, mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_kv_heads,
                                      mc.intermediate_size, seed=seed)
         return model, tok
-    from transformers import AutoModelForCausalLM
-
+    if mc.name == "embedded-vl":
+        tok = embedded_vl.build_tokenizer()
+        model = embedded_vl.build_model(tok, mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_kv_heads,
+                                        mc.intermediate_size, seed=seed)
+        return model, tok
     path = resolve_model_path(mc.name, log=log)
     if os.path.isdir(path):
         check_model_folder(mc.name, path)
     kw = {"revision": mc.revision, "trust_remote_code": mc.trust_remote_code}
     try:
         tok = load_tokenizer(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        model = load_pretrained(path, **kw)
     except OSError as e:
         offline = ", ".join(sorted(OFFLINE_MODELS))
         raise ConfigError(f"model.name {mc.name!r} could not be loaded ({e}). Offline? Use --model embedded, "

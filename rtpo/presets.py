@@ -37,6 +37,18 @@ PRESETS = {
         "eval.every": 10, "eval.num_examples": 64, "eval.max_new_tokens": 96, "eval.batch_size": 32,
         "checkpoint.every": 0, "checkpoint.keep_last": 1,
     },
+    # The tiny Qwen2-VL (rtpo/embedded_vl.py) on the generated image task (rtpo/shapes.py: count the squares of
+    # one colour), sized for a CPU: an SFT warm-start (vision encoder fixed, see warmstart.freeze_vision_encoder),
+    # then RTPO with the hint loss (README "Vision-language models" has the measured run).
+    "shapes": {
+        "model.name": "embedded-vl", "data.dataset": "shapes", "data.synthetic_size": 2000, "data.num_eval": 128,
+        "data.min_operands": 3, "data.max_operands": 8, "data.max_prompt_tokens": 128,
+        "warmstart.steps": 600, "warmstart.num_examples": 2000,
+        "rollout.prompts_per_step": 8, "rollout.num_generations": 8, "rollout.max_new_tokens": 32,
+        "loss.hint_loss": 1.0, "run.max_steps": 40,
+        "eval.every": 10, "eval.num_examples": 128, "eval.max_new_tokens": 32,
+        "checkpoint.every": 0, "checkpoint.keep_last": 1,
+    },
 }
 # Applied on top of "smollm2" when a GPU is present at parse time (--key flags still override).
 SMOLLM2_GPU = {

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rtpo.vision import PLACEHOLDER
+
 if TYPE_CHECKING:
     from rtpo.config import CurriculumConfig
 
@@ -52,6 +54,7 @@ class EncodedExample:
     reasoning: list     # the trace's token ids
     boundaries: list    # line boundaries of the trace (token counts)
     truncated: bool     # the trace was cut to fit data.max_prompt_tokens
+    images: tuple = ()  # the row's images (PIL), whose expanded image tokens are in base / turn_pre
 
 
 class PromptBuilder:
@@ -59,37 +62,52 @@ class PromptBuilder:
     exactly the first k tokens of the tokenized trace; at keep 0 the prompt is the evaluation
     prompt (no empty assistant message, no dangling think tag)."""
 
-    def __init__(self, tokenizer, c: CurriculumConfig, max_prompt_tokens: int, system_prompt=None):
+    def __init__(self, tokenizer, c: CurriculumConfig, max_prompt_tokens: int, system_prompt=None, vision=None):
         self.tok, self.c = tokenizer, c
         self.max_prompt_tokens = max_prompt_tokens
         self.system_prompt = system_prompt
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.vision = vision  # rtpo.vision.VisionProcessor of a vision-language model, else None
 
     def ids(self, text: str) -> list:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def render(self, question: str, assistant=None) -> str:
+    def render(self, question: str, assistant=None, images: int = 0) -> str:
         """Chat-formatted text up to an open assistant turn; with `assistant`, that text is a
-        closed earlier assistant message before the open turn."""
+        closed earlier assistant message before the open turn. `images`: image placeholders before the
+        question in the user turn (Qwen2-VL content parts)."""
         if not self.has_template:  # a plain template for base models
+            question = PLACEHOLDER * images + question
             text = (self.system_prompt + "\n\n" if self.system_prompt else "") + f"Question: {question}\nAnswer: "
             if assistant is not None:
                 text += f"{assistant}\n\nQuestion: {question}\nAnswer: "
             return text
         msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        msgs.append({"role": "user", "content": question})
+        if images:
+            msgs.append({"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": question}]})
+        else:
+            msgs.append({"role": "user", "content": question})
         if assistant is not None:
             msgs.append({"role": "assistant", "content": assistant})
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def encode(self, ex) -> EncodedExample:
-        base = self.ids(self.render(ex.question))
+        images = tuple(getattr(ex, "images", ()))
+        if images and self.vision is None:
+            raise ValueError(f"row {ex.index} has images but the model is text-only")
+        counts = self.vision.token_counts(images) if images else []
+
+        def ids(text):  # each image's one placeholder token -> as many image tokens as the image takes
+            out = self.ids(text)
+            return self.vision.expand(out, counts) if self.vision is not None else out
+
+        base = ids(self.render(ex.question, images=len(images)))
         if base and self.tok.bos_token_id is not None and getattr(self.tok, "add_bos_token", False) \
                 and base[0] != self.tok.bos_token_id:
             base = [self.tok.bos_token_id] + base
         hint_open = self.ids(self.c.think_open + "\n")
-        pre, _, post = self.render(ex.question, assistant=_SLOT).partition(_SLOT)
-        turn_pre, turn_post = self.ids(pre), self.ids(post)
+        pre, _, post = self.render(ex.question, assistant=_SLOT, images=len(images)).partition(_SLOT)
+        turn_pre, turn_post = ids(pre), self.ids(post)
         enc = self.tok(ex.reasoning, add_special_tokens=False, return_offsets_mapping=True) if ex.reasoning else None
         reasoning = list(enc["input_ids"]) if enc else []
         boundaries = line_boundaries(ex.reasoning, enc["offset_mapping"]) if enc else [0]
@@ -101,7 +119,12 @@ class PromptBuilder:
         if truncated:  # keep the start of the trace: the curriculum cuts from the end anyway
             reasoning = reasoning[:room]
             boundaries = [b for b in boundaries if b <= room] + ([room] if room not in boundaries else [])
-        return EncodedExample(base, hint_open, turn_pre, turn_post, reasoning, boundaries, truncated)
+        return EncodedExample(base, hint_open, turn_pre, turn_post, reasoning, boundaries, truncated, images)
+
+    def image_inputs(self, enc: EncodedExample):
+        """The example's images as model inputs (rtpo.vision.ImageInputs), or None without images. Computed
+        on demand (a dataset's pixel tensors are not kept); a step computes each group's once."""
+        return self.vision.process(enc.images) if enc.images else None
 
     def kept(self, enc: EncodedExample, keep: float) -> int:
         bounds = enc.boundaries if self.c.granularity == "line" else None

@@ -35,6 +35,7 @@ class Rollout:
     rollout_logprobs: list = field(default_factory=list)  # per row: the sampler's log-probs (or None)
     answers: list = field(default_factory=list)
     questions: list = field(default_factory=list)
+    images: Optional[list] = None  # per row: its rtpo.vision.ImageInputs (None: a run without images)
 
     def __len__(self) -> int:
         return len(self.completions)

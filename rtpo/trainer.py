@@ -28,9 +28,10 @@ from rtpo.generation import SamplingConfig, draw_uniforms, generate
 from rtpo.logprobs import make_batch, row_tokens, split_by_tokens, split_even
 from rtpo.losses import hint_nll, policy_loss
 from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
-from rtpo.models import load_model_and_tokenizer, load_tokenizer
+from rtpo.models import load_model_and_tokenizer, load_pretrained, load_tokenizer, load_vision_processor
 from rtpo.backends import Backend, LocalBackend, make_backend
 from rtpo.stages import Rollout, Scores, expand
+from rtpo.vision import vision_encoder_parameters
 from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
                           missing_arguments, score)
 
@@ -163,13 +164,16 @@ class Trainer:
         self.train_rows, self.eval_rows = load_splits(cfg.data)
         self.column_names = self._reward_columns()
         self.model, self.tok = self._load_model()
+        self.vision = self._load_vision()
         self._check_context()
         self._set_threads()
-        self.builder = PromptBuilder(self.tok, cfg.curriculum, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
+        self.builder = PromptBuilder(self.tok, cfg.curriculum, cfg.data.max_prompt_tokens, cfg.data.system_prompt,
+                                     vision=self.vision)
         self.train_enc, self.train_rows = self._encode(self.train_rows, "train")
         self.eval_enc, self.eval_rows = self._encode(self.eval_rows, "eval")
+        self._freeze_vision_encoder(self.model)
         if self.resume_from is None:
-            self.model = self._warmstarted(self.model)
+            self.model = self._freeze_vision_encoder(self._warmstarted(self.model))  # a cached copy is loaded unfrozen
         self.peft = self._attach_lora() if lora.enabled(cfg) else None  # self.model stays the (adapted) HF model
         self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
@@ -180,7 +184,8 @@ class Trainer:
         if cfg.loss.beta > 0 and self.peft is not None:  # the base, i.e. the starting policy: adapters disabled
             self.ref = lora.AdaptersOff(self.peft)
         elif cfg.loss.beta > 0:  # a frozen copy of the STARTING policy, also when resuming
-            start = self.model if self.resume_from is None else self._warmstarted(self._starting_model()[0])
+            start = self.model if self.resume_from is None else self._warmstarted(
+                self._freeze_vision_encoder(self._starting_model()[0]))
             self.ref = copy.deepcopy(start).to(self.device).eval().requires_grad_(False)
         self.close_ids = self.tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
         self.eos_ids = tuple(sorted({self.tok.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))))
@@ -219,13 +224,10 @@ class Trainer:
 
     def _load_model(self):
         if self.resume_from:
-            from transformers import AutoModelForCausalLM
-
             self.log(f"[rtpo] resuming from {self.resume_from}")
             if lora.enabled(self.cfg) or lora.is_adapter(self.resume_from):
                 return self._lora_resume_base(), load_tokenizer(self.resume_from)
-            model = AutoModelForCausalLM.from_pretrained(self.resume_from, dtype=torch.float32)
-            return model, load_tokenizer(self.resume_from)
+            return load_pretrained(self.resume_from), load_tokenizer(self.resume_from)
         return self._starting_model()
 
     # --- LoRA (rtpo/lora.py) -----------------------------------------------------------------------
@@ -268,6 +270,29 @@ class Trainer:
                                   if k in trainable}
         return pm
 
+    def _freeze_vision_encoder(self, model):
+        """model.freeze_vision_encoder: no gradient for a VLM's vision encoder (warm-start and RL)."""
+        if self.cfg.model.freeze_vision_encoder:
+            for p in vision_encoder_parameters(model):
+                p.requires_grad_(False)
+        return model
+
+    def _load_vision(self):
+        """The image processor of a vision-language model (saved in every checkpoint), or None. Rows with
+        images and a text-only model are refused here, before anything is written."""
+        c = self.cfg
+        source = self.resume_from or c.model.name
+        kw = {} if self.resume_from or source == "embedded-vl" else {"revision": c.model.revision,
+                                                                      "trust_remote_code": c.model.trust_remote_code}
+        vision = load_vision_processor(source, self.tok, self.model, max_pixels=c.model.max_pixels, **kw)
+        with_images = next((e for e in self.train_rows + self.eval_rows if e.images), None)
+        if with_images is not None and vision is None:
+            raise ConfigError(f"data.image_field: row {with_images.index} of {c.data.dataset!r} has images, but "
+                              f"model.name {c.model.name!r} is a text-only model; use a vision-language model "
+                              "(e.g. --model embedded-vl, or Qwen/Qwen2.5-VL-3B-Instruct), or "
+                              "--data.image_field none to drop the images")
+        return vision
+
     def _starting_model(self):
         """(model, tokenizer) a fresh run starts from, before any warm-start."""
         # A warm-started model stands in for a pretrained checkpoint: it does not vary with run.seed.
@@ -281,7 +306,7 @@ class Trainer:
         from rtpo.warmstart import warmstart
 
         c = self.cfg
-        exclude = {e.question for e in self.train_rows + self.eval_rows}
+        exclude = {e.identity for e in self.train_rows + self.eval_rows}
         rows = warmstart_rows(c.data, exclude, c.warmstart.num_examples, c.warmstart.max_operands)
         return warmstart(model, self.tok, self.builder, rows, c.warmstart, c.data, c.curriculum, self.device,
                          seed=c.warmstart.seed, log=self.log)
@@ -297,7 +322,7 @@ class Trainer:
 
     def _warmstart_enabled(self):
         w = self.cfg.warmstart.enabled
-        return w == "true" or (w == "auto" and self.cfg.model.name == "embedded")
+        return w == "true" or (w == "auto" and self.cfg.model.name in ("embedded", "embedded-vl"))
 
     def _encode(self, rows, split):
         encs, kept, dropped, truncated, shortest = [], [], 0, 0, None
@@ -329,7 +354,8 @@ class Trainer:
         """A prompt of data.max_prompt_tokens plus the longest completion must fit the model's positions:
         refuse at setup rather than silently run past the context."""
         c = self.cfg
-        ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        config = getattr(self.model, "config", None)
+        ctx = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
         new = max(c.rollout.max_new_tokens, c.eval.max_new_tokens if c.eval.num_examples else 0)
         if isinstance(ctx, int) and c.data.max_prompt_tokens + new > ctx:
             raise ConfigError(f"data.max_prompt_tokens + new tokens = {c.data.max_prompt_tokens} + {new} exceeds the "
@@ -414,6 +440,7 @@ class Trainer:
         idx, keeps, hinted = self.step_prompts(step)
         encs = [self.train_enc[i] for i in idx]
         plain = [self.builder.build(e, 0.0) for e in encs]
+        images = self._images(encs)  # each group's images, processed once for the rollout and the update
         n0 = dropout_rows(G, c.curriculum.hint_dropout)
         sampling = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p, eos_token_ids=self.eos_ids,
@@ -421,8 +448,8 @@ class Trainer:
         # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
         tis = c.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
         with self.backend.generation():
-            outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis)
-                    if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
+            outs = [self._generate([p for p, _ in variant], sampling, n, generator=self.gen, return_logprobs=tis,
+                                   images=images) if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
         ro = Rollout(keep=keep, idx=idx, keeps=keeps, hinted_rows=G - n0,
                      hint_targets=[self.builder.hint_target(e, k) for e, k in zip(encs, keeps)])
         for g, (e, k) in enumerate(zip(encs, keeps)):
@@ -437,9 +464,17 @@ class Trainer:
                 ro.injected.append(injected)
                 ro.row_keep.append(k if hint else 0.0)
                 ro.prefixes.append(self.builder.prefix_text(e, k) if hint else "")
+        ro.images = None if images is None else expand(images, G)
         examples = expand([self.train_rows[i] for i in idx], G)
         ro.answers, ro.questions = [ex.answer for ex in examples], [ex.question for ex in examples]
         return ro
+
+    def _images(self, encs) -> list | None:
+        """Per example, its images as model inputs (None for a row without); None when no example has any,
+        so that text-only runs take exactly the text path."""
+        if not any(e.images for e in encs):
+            return None
+        return [self.builder.image_inputs(e) for e in encs]
 
     def reward_kwargs(self, rows, prompts, completion_ids, texts, prefixes, finish_reasons, keeps,
                       max_new_tokens) -> dict:
@@ -506,18 +541,19 @@ class Trainer:
         fixed = getattr(self.backend, "gas", None)
         return split_even(rows, costs, fixed) if fixed else split_by_tokens(rows, costs, o.micro_batch_tokens)
 
-    def _batch(self, prompts: list, completions: list) -> dict:
+    def _batch(self, prompts: list, completions: list, images=None) -> dict:
         """The log-prob batch of these rows: packed, each distinct prompt once (optim.packing / share_prefix),
-        or padded where the model cannot take a packed batch (rtpo.logprobs.make_batch)."""
+        or padded where the model cannot take a packed batch or the prompts carry images (rtpo.logprobs.make_batch)."""
         o = self.cfg.optim
         return make_batch(self.model, prompts, completions, self.tok.pad_token_id, self.device, packing=o.packing,
-                          share_prefix=o.share_prefix)
+                          share_prefix=o.share_prefix, images=images)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, ro, micro, ref=False):
         out = []
         for mb in micro:
-            batch = self._batch([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb])
+            batch = self._batch([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb],
+                                images=self._row_images(ro, mb))
             with self._autocast():
                 lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
             out.append(lp.float())
@@ -538,7 +574,7 @@ class Trainer:
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
                 n_tokens, n_seqs = self._normalizers(ro, mb)
-                hint = self._hint_rows(ro, mb) if c.loss.hint_loss else ([], [])
+                hint = self._hint_rows(ro, mb) if c.loss.hint_loss else ([], [], [])
                 n_hint = int(self.comm.sum([sum(len(t) for t in hint[1])])[0]) if c.loss.hint_loss else 0
                 self.backend.zero_grad()
                 loss_total = 0.0
@@ -546,7 +582,7 @@ class Trainer:
                     # the hint loss rides on the last micro batch: one forward/backward per micro batch,
                     # as every backend (DeepSpeed's gradient accumulation included) expects
                     last = j == len(micro) - 1
-                    loss, st = self._micro_loss(ro, sc, rows, hint if last else ([], []), n_hint if last else 0,
+                    loss, st = self._micro_loss(ro, sc, rows, hint if last else ([], [], []), n_hint if last else 0,
                                                 n_tokens, n_seqs, old[m][j] if old else None, ref[m][j] if ref else None)
                     self.backend.backward(loss)
                     loss_total += loss.item()
@@ -566,7 +602,8 @@ class Trainer:
         enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
         comps = [ro.completions[i] for i in rows]
-        batch = self._batch([ro.prompts[i] for i in rows] + hint[0], comps + hint[1])
+        images = None if ro.images is None else self._row_images(ro, rows) + hint[2]
+        batch = self._batch([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], images=images)
         with self._autocast():
             logp_all, ent_all = self.backend.logprobs(batch)
         T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
@@ -595,12 +632,18 @@ class Trainer:
             out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
         return out.to(self.device)
 
-    def _hint_rows(self, ro, rows) -> tuple[list, list]:
-        """(contexts, targets) of the hint loss for the groups that start in `rows` and carry a hint."""
+    def _hint_rows(self, ro, rows) -> tuple[list, list, list]:
+        """(contexts, targets, images) of the hint loss for the groups that start in `rows` and carry a hint
+        (images: each context's images, [] for a run without images)."""
         G = self.cfg.rollout.num_generations
-        pairs = [ro.hint_targets[i // G] for i in rows if i % G == 0]
-        pairs = [(ctx, tgt) for ctx, tgt in pairs if tgt]
-        return [p for p, _ in pairs], [t for _, t in pairs]
+        starts = [i for i in rows if i % G == 0 and ro.hint_targets[i // G][1]]
+        pairs = [ro.hint_targets[i // G] for i in starts]
+        return [p for p, _ in pairs], [t for _, t in pairs], self._row_images(ro, starts) or []
+
+    @staticmethod
+    def _row_images(ro, rows) -> list | None:
+        """The images of rollout rows `rows` (None for a run without images)."""
+        return None if ro.images is None else [ro.images[i] for i in rows]
 
     def _normalizers(self, ro, rows) -> tuple:
         """(completion tokens, sequences) of the update that `rows` belong to: the loss normalisers.
@@ -654,15 +697,17 @@ class Trainer:
         return reduce_rows([r for r, _ in parts])
 
     # --- evaluation ----------------------------------------------------------------------------
-    def greedy_completions(self, prompts: list, progress=None) -> tuple:
+    def greedy_completions(self, prompts: list, progress=None, encs=None) -> tuple:
         """Greedy completions (eval settings, in eval.batch_size chunks) -> (token lists, finish reasons).
-        `progress(n)`, if given, is called after each chunk with its number of rows."""
+        `progress(n)`, if given, is called after each chunk with its number of rows. `encs`: the prompts'
+        encoded examples, whose images (if any) go with them."""
         e = self.cfg.eval
         sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0, eos_token_ids=self.eos_ids,
                                   stop_strings=tuple(self.cfg.rollout.stop_strings), pad_token_id=self.tok.pad_token_id)
         comps, reasons = [], []
         for i in range(0, len(prompts), e.batch_size):
-            out = self._generate(prompts[i:i + e.batch_size], sampling, 1)
+            images = self._images(encs[i:i + e.batch_size]) if encs is not None else None
+            out = self._generate(prompts[i:i + e.batch_size], sampling, 1, images=images)
             comps += out.completions
             reasons += out.finish_reasons
             if progress is not None:
@@ -680,7 +725,7 @@ class Trainer:
         built = [self.builder.build(enc, keep) for enc in encs]
         prompts = [p for p, _ in built]
         prefixes = [self.builder.prefix_text(enc, keep) for enc in encs]
-        comps, reasons = self.greedy_completions(prompts, progress=progress)
+        comps, reasons = self.greedy_completions(prompts, progress=progress, encs=encs)
         texts = [self._decode(x) for x in comps]
         answers = [r.answer for r in rows]
         kw = self.reward_kwargs(rows, prompts, comps, texts, prefixes, reasons, [keep] * len(rows),
@@ -759,6 +804,8 @@ class Trainer:
                         lora.write_base(self.model, self.tok, os.path.join(self.out, lora.BASE_DIR), base)
                     lora.save_adapter(self.peft, tmp)
                 self.tok.save_pretrained(tmp)
+                if self.vision is not None:  # the image processor: rtpo.eval and resume read it back
+                    self.vision.save_pretrained(tmp)
                 ckpt.save_state(tmp, self.state_dict())
         self._base_pending = None
         self.comm.barrier()  # every shard is written before the main process fsyncs and renames the folder

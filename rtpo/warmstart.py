@@ -16,6 +16,7 @@ import torch
 
 from rtpo.checkpoint import write_atomically
 from rtpo.prompts import PromptBuilder, response_ids
+from rtpo.vision import batch_images, is_vision_model, mrope_positions
 
 
 def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
@@ -27,9 +28,11 @@ def cache_key(model, tokenizer, wc, dc, cc, examples=()) -> str:
         weights.update(t.detach().float().cpu().numpy().tobytes())
     blob = json.dumps({
         "model": model.config.to_dict(), "vocab": len(tokenizer), "init": weights.hexdigest(),
-        "rows": hashlib.sha256("\n".join(e.question for e in examples).encode()).hexdigest(),
+        "rows": hashlib.sha256("\n".join(e.question + e.image_digest for e in examples).encode()).hexdigest(),
         "warmstart": {k: getattr(wc, k) for k in ("steps", "lr", "batch_size", "num_examples", "seed",
-                                                   "reasoning_fraction", "mix_from", "max_operands")},
+                                                   "reasoning_fraction", "mix_from", "max_operands")}
+                     | ({"frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad)}
+                        if is_vision_model(model) else {}),
         "data": {k: getattr(dc, k) for k in ("min_operands", "max_operands", "max_operand", "system_prompt", "modulus")},
         "think": [cc.think_open, cc.think_close], "version": 2,
     }, sort_keys=True, default=str)
@@ -50,6 +53,16 @@ def sft_batch(seqs: list, pad_id: int, device):
     return ids.to(device), attn.to(device), labels.to(device)
 
 
+def image_inputs(model, builder, encs, ids, attn, device) -> dict:
+    """Extra forward inputs of an SFT batch whose rows have images: pixel_values, image_grid_thw and the
+    M-RoPE positions (from the model, over the right-padded rows); {} without images."""
+    if not any(e.images for e in encs):
+        return {}
+    extra = batch_images([builder.image_inputs(e) for e in encs], device)
+    extra["position_ids"], _ = mrope_positions(model, ids, attn, extra["image_grid_thw"])
+    return extra
+
+
 def reasoning_probability(step: int, wc) -> float:
     """Chance that a warm-start example at `step` shows its trace: 1 until mix_from of the steps
     (the model learns to write the steps), then reasoning_fraction (which sets how often the model
@@ -62,22 +75,24 @@ def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, se
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id
     encs = [(ex, builder.encode(ex)) for ex in examples]
-    data = [(enc.base, response_ids(builder, ex, enc, eos), response_ids(builder, ex, enc, eos, with_reasoning=False))
-            for ex, enc in encs]
-    opt = torch.optim.AdamW(model.parameters(), lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    data = [(enc.base, response_ids(builder, ex, enc, eos), response_ids(builder, ex, enc, eos, with_reasoning=False),
+             enc) for ex, enc in encs]
+    params = [p for p in model.parameters() if p.requires_grad]  # a frozen vision encoder stays as it is
+    opt = torch.optim.AdamW(params, lr=wc.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))
     model.train()
     recent = []
     for step in range(wc.steps):
         p = reasoning_probability(step, wc)
-        batch = [(base, full if rng.random() < p else short)
-                 for base, full, short in rng.sample(data, min(wc.batch_size, len(data)))]
+        picked = rng.sample(data, min(wc.batch_size, len(data)))
+        batch = [(base, full if rng.random() < p else short) for base, full, short, _ in picked]
         ids, attn, labels = sft_batch(batch, tokenizer.pad_token_id, device)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels,
+                     **image_inputs(model, builder, [enc for *_, enc in picked], ids, attn, device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         recent = (recent + [loss.item()])[-50:]
@@ -88,12 +103,12 @@ def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, se
 
 def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, log=print):
     """Load the cached warm-started weights or train and cache them. Returns the model."""
-    from transformers import AutoModelForCausalLM
+    from rtpo.models import load_pretrained
 
     path = os.path.join(wc.cache_dir, f"warmstart-{cache_key(model, tokenizer, wc, dc, cc, examples)}")
     if os.path.isfile(os.path.join(path, "config.json")):
         log(f"[warmstart] using cached warm-start {path}")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        return load_pretrained(path).to(device)
     log(f"[warmstart] supervised warm-start: {wc.steps} steps on {len(examples)} disjoint examples")
     model.to(device)
     train_sft(model, tokenizer, builder, examples, wc, device, seed=seed, log=log)

@@ -322,6 +322,9 @@ SCENARIOS = {
     # (gradient_accumulation_steps) and balance the tokens; two prompts per group (hint dropout)
     "zero3_tokens": (["--optim.micro_batch_tokens", "40", "--curriculum.hint_dropout", "0.5", "--loss.hint_loss",
                       "0.5"], "zero3", 3),
+    # image prompts (the tiny Qwen2-VL): pixel values and grids go into the engine's log-prob module
+    "zero3_vlm": (["--model", "embedded-vl", "--dataset", "shapes", "--data.num_eval", "6", "--loss.hint_loss", "0.5"],
+                  "zero3", 3),
 }
 
 
