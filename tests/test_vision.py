@@ -528,3 +528,23 @@ def test_max_pixels_bounds_the_image_tokens_and_is_saved_with_the_processor(vl, 
     assert small.token_counts([big]) == [4] and small.process([big]).image_grid_thw.tolist() == [[1, 4, 4]]
     small.save_pretrained(str(tmp_path))
     assert load_vision_processor(str(tmp_path), tok, model).token_counts([big]) == [4]
+
+
+def test_shapes_preset_fits_its_prompt_budget_with_the_whole_trace():
+    """--preset shapes: every prompt, with the whole trace injected, fits data.max_prompt_tokens (no trace
+    is cut), and the prompt budget plus completions fits the model's context."""
+    from rtpo.cli import parse_args
+    from rtpo.data import load_splits
+    from rtpo.models import load_model_and_tokenizer, load_vision_processor
+    from rtpo.prompts import PromptBuilder
+
+    cfg = parse_args(["--preset", "shapes", "--data.synthetic_size", "50", "--data.num_eval", "10"])
+    assert cfg.model.name == "embedded-vl" and cfg.data.dataset == "shapes" and cfg.model.freeze_vision_encoder
+    model, tok = load_model_and_tokenizer(cfg.model)
+    b = PromptBuilder(tok, cfg.curriculum, cfg.data.max_prompt_tokens, vision=load_vision_processor("embedded-vl", tok,
+                                                                                                   model))
+    train, ev = load_splits(cfg.data)
+    for ex in train + ev:
+        enc = b.encode(ex)
+        assert not enc.truncated and len(b.build(enc, 1.0)[0]) <= cfg.data.max_prompt_tokens
+    assert cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens <= model.config.text_config.max_position_embeddings
