@@ -520,3 +520,26 @@ def test_shapes_preset_fits_its_prompt_budget_with_the_whole_trace():
         enc = b.encode(ex)
         assert not enc.truncated and len(b.build(enc, 1.0)[0]) <= cfg.data.max_prompt_tokens
     assert cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens <= model.config.text_config.max_position_embeddings
+
+
+@pytest.mark.slow
+def test_vlm_shapes_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
+    """benchmarks/vlm_shapes.py runs both arms (toy sizes: a 1-layer model, 2 RL steps) and writes its JSON."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "vlm_shapes.py")
+    spec = importlib.util.spec_from_file_location("vlm_shapes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    toy = ["--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.num_kv_heads",
+           "1", "--model.intermediate_size", "64", "--warmstart.steps", "3", "--warmstart.num_examples", "40",
+           "--warmstart.cache_dir", str(tmp_path / "cache"), "--data.synthetic_size", "40", "--data.num_eval", "4",
+           "--eval.num_examples", "4", "--run.max_steps", "2", "--eval.every", "1", "--rollout.prompts_per_step", "2",
+           "--G", "2", "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8"]
+    assert mod.main(["--seeds", "1", "--out", str(out), *toy]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["arm"] for r in res] == ["rtpo", "grpo"] and all(r["steps"] == 2 for r in res)
+    assert [s for s, _ in res[0]["eval_curve"]] == [0, 1, 2]
+    assert "| rtpo mean |" in capsys.readouterr().out
