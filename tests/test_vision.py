@@ -543,3 +543,23 @@ def test_vlm_shapes_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
     assert [r["arm"] for r in res] == ["rtpo", "grpo"] and all(r["steps"] == 2 for r in res)
     assert [s for s, _ in res[0]["eval_curve"]] == [0, 1, 2]
     assert "| rtpo mean |" in capsys.readouterr().out
+
+
+def test_a_batch_mixing_image_and_text_prompts_equals_each_prompt_alone(vl, prompts):
+    """Rows without images (None) next to image rows: positions, pixels and grids line up per row."""
+    model, tok, _ = vl
+    ids_list, images = prompts
+    text = tok.apply_chat_template([{"role": "user", "content": "Just text."}], tokenize=False,
+                                   add_generation_prompt=True)
+    mixed = [ids_list[0], tok(text, add_special_tokens=False)["input_ids"], ids_list[2]]
+    imgs = [images[0], None, images[2]]
+    s = SamplingConfig(max_new_tokens=6, temperature=0.0, pad_token_id=tok.pad_token_id)
+    batch = generate(model, mixed, s, images=imgs).completions
+    alone = [generate(model, [p], s, images=None if x is None else [x]).completions[0] for p, x in zip(mixed, imgs)]
+    assert batch == alone
+    b = collate(mixed, batch, tok.pad_token_id, images=imgs)
+    lp, _ = completion_logprobs(model, b, with_entropy=False)
+    for i, (p, c, x) in enumerate(zip(mixed, batch, imgs)):
+        one = collate([p], [c], tok.pad_token_id, images=None if x is None else [x])
+        torch.testing.assert_close(lp[i, :len(c)], completion_logprobs(model, one, with_entropy=False)[0][0, :len(c)],
+                                   rtol=0, atol=1e-5)
