@@ -563,3 +563,17 @@ def test_a_batch_mixing_image_and_text_prompts_equals_each_prompt_alone(vl, prom
         one = collate([p], [c], tok.pad_token_id, images=None if x is None else [x])
         torch.testing.assert_close(lp[i, :len(c)], completion_logprobs(model, one, with_entropy=False)[0][0, :len(c)],
                                    rtol=0, atol=1e-5)
+
+
+def test_a_tokenizer_without_chat_template_takes_the_processors(vl, tmp_path):
+    """Some VLM repos keep the chat template with the processor (chat_template.json) only: the
+    tokenizer gets it, so image placeholders are rendered."""
+    from rtpo.models import load_vision_processor
+
+    model, tok, _ = vl
+    bare = embedded_vl.build_tokenizer()
+    bare.chat_template = None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": embedded_vl.CHAT_TEMPLATE}))
+    embedded_vl.build_image_processor().save_pretrained(str(tmp_path))
+    vp = load_vision_processor(str(tmp_path), bare, model)
+    assert bare.chat_template == embedded_vl.CHAT_TEMPLATE and vp.token_counts([noise_image(56, 56, 0)]) == [4]
