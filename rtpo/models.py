@@ -218,6 +218,10 @@ def load_vision_processor(path: str, tokenizer, model, max_pixels: int = 0, **kw
     if path == "embedded-vl":
         return VisionProcessor(embedded_vl.build_image_processor(**{k: v for k, v in kw.items() if k == "max_pixels"}),
                                tokenizer)
+    if not getattr(tokenizer, "chat_template", None):  # image placeholders need the VLM's chat template
+        from rtpo.vision import processor_chat_template
+
+        tokenizer.chat_template = processor_chat_template(path, **{k: v for k, v in kw.items() if k == "revision"})
     try:
         ip = AutoImageProcessor.from_pretrained(path, **kw)
         return VisionProcessor(ip, tokenizer)

@@ -344,8 +344,10 @@ class Trainer:
             self.log(f"[rtpo] warning: {truncated} {split} reasoning traces cut to fit data.max_prompt_tokens "
                      f"= {self.cfg.data.max_prompt_tokens}")
         if rows and not encs:
+            images = " (its image tokens included; --model.max_pixels lowers them)" if any(e.images for e in rows) else ""
             raise ConfigError(f"no {split} rows fit data.max_prompt_tokens = {self.cfg.data.max_prompt_tokens}: the "
-                              f"shortest question takes {shortest} tokens; raise --data.max_prompt_tokens above that")
+                              f"shortest question takes {shortest} tokens{images}; raise --data.max_prompt_tokens "
+                              "above that")
         setattr(self, f"{split}_truncated", truncated)  # counted in summary.json
         setattr(self, f"{split}_dropped", dropped)
         return encs, kept

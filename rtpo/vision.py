@@ -144,6 +144,24 @@ class VisionProcessor:
         self.image_processor.save_pretrained(folder)
 
 
+def processor_chat_template(path: str, **kw) -> str | None:
+    """The chat template a VLM's processor keeps beside its tokenizer (chat_template.json, written by
+    ProcessorMixin), for a tokenizer saved without one; None when there is none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        f = cached_file(path, "chat_template.json", _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False, **kw)
+    except (OSError, ValueError):
+        return None
+    if not f:
+        return None
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh).get("chat_template")
+
+
 def is_vision_model(model) -> bool:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "vision_config", None) is not None and getattr(cfg, "image_token_id", None) is not None

@@ -363,6 +363,9 @@ BAD_IMAGES = [
      ["row 3 field 'image'", "'broken.png' cannot be read as an image"]),
     ("image_field_with_a_text_only_model", lambda f: ["--dataset", f["good"], "--model", "embedded"],
      ["data.image_field", "has images", "text-only", "--model embedded-vl", "--data.image_field none"]),
+    ("image_prompt_over_budget", lambda f: ["--dataset", f["good"], "--model", "embedded-vl",
+                                            "--data.max_prompt_tokens", "20"],
+     ["data.max_prompt_tokens = 20", "image tokens included", "--model.max_pixels"]),
     ("image_field_named_but_absent", lambda f: ["--dataset", f["field"], "--model", "embedded-vl",
                                                "--data.image_field", "photo"],
      ["row 0 has no field 'photo' (data.image_field)", "picture"]),
@@ -548,3 +551,60 @@ def test_shapes_preset_fits_its_prompt_budget_with_the_whole_trace():
         enc = b.encode(ex)
         assert not enc.truncated and len(b.build(enc, 1.0)[0]) <= cfg.data.max_prompt_tokens
     assert cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens <= model.config.text_config.max_position_embeddings
+
+
+@pytest.mark.slow
+def test_vlm_shapes_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
+    """benchmarks/vlm_shapes.py runs both arms (toy sizes: a 1-layer model, 2 RL steps) and writes its JSON."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "vlm_shapes.py")
+    spec = importlib.util.spec_from_file_location("vlm_shapes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    toy = ["--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.num_kv_heads",
+           "1", "--model.intermediate_size", "64", "--warmstart.steps", "3", "--warmstart.num_examples", "40",
+           "--warmstart.cache_dir", str(tmp_path / "cache"), "--data.synthetic_size", "40", "--data.num_eval", "4",
+           "--eval.num_examples", "4", "--run.max_steps", "2", "--eval.every", "1", "--rollout.prompts_per_step", "2",
+           "--G", "2", "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8"]
+    assert mod.main(["--seeds", "1", "--out", str(out), *toy]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["arm"] for r in res] == ["rtpo", "grpo"] and all(r["steps"] == 2 for r in res)
+    assert [s for s, _ in res[0]["eval_curve"]] == [0, 1, 2]
+    assert "| rtpo mean |" in capsys.readouterr().out
+
+
+def test_a_batch_mixing_image_and_text_prompts_equals_each_prompt_alone(vl, prompts):
+    """Rows without images (None) next to image rows: positions, pixels and grids line up per row."""
+    model, tok, _ = vl
+    ids_list, images = prompts
+    text = tok.apply_chat_template([{"role": "user", "content": "Just text."}], tokenize=False,
+                                   add_generation_prompt=True)
+    mixed = [ids_list[0], tok(text, add_special_tokens=False)["input_ids"], ids_list[2]]
+    imgs = [images[0], None, images[2]]
+    s = SamplingConfig(max_new_tokens=6, temperature=0.0, pad_token_id=tok.pad_token_id)
+    batch = generate(model, mixed, s, images=imgs).completions
+    alone = [generate(model, [p], s, images=None if x is None else [x]).completions[0] for p, x in zip(mixed, imgs)]
+    assert batch == alone
+    b = collate(mixed, batch, tok.pad_token_id, images=imgs)
+    lp, _ = completion_logprobs(model, b, with_entropy=False)
+    for i, (p, c, x) in enumerate(zip(mixed, batch, imgs)):
+        one = collate([p], [c], tok.pad_token_id, images=None if x is None else [x])
+        torch.testing.assert_close(lp[i, :len(c)], completion_logprobs(model, one, with_entropy=False)[0][0, :len(c)],
+                                   rtol=0, atol=1e-5)
+
+
+def test_a_tokenizer_without_chat_template_takes_the_processors(vl, tmp_path):
+    """Some VLM repos keep the chat template with the processor (chat_template.json) only: the
+    tokenizer gets it, so image placeholders are rendered."""
+    from rtpo.models import load_vision_processor
+
+    model, tok, _ = vl
+    bare = embedded_vl.build_tokenizer()
+    bare.chat_template = None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": embedded_vl.CHAT_TEMPLATE}))
+    embedded_vl.build_image_processor().save_pretrained(str(tmp_path))
+    vp = load_vision_processor(str(tmp_path), bare, model)
+    assert bare.chat_template == embedded_vl.CHAT_TEMPLATE and vp.token_counts([noise_image(56, 56, 0)]) == [4]
