@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 GOALS = {"bench_generation": 2.0, "update_mfu": 0.40}  # rollout vs generate at G 8 / prompt 512; update MFU
 
 
@@ -31,8 +33,12 @@ def _tail(folder, name, pattern):
     return hits[-1] if hits else None
 
 
-def cuda_tests(folder):
-    return _tail(folder, "cuda_tests", r"\n=*\s*([^\n]*(?:passed|failed|skipped|error)[^\n]*?)\s*=*\n") or "no summary"
+def _pytest_summary(name):
+    """The step `name`'s pytest summary line ("4 passed, 1 skipped in 9.1s")."""
+    return lambda folder: _tail(folder, name, r"\n=*\s*([^\n]*(?:passed|failed|skipped|error)[^\n]*?)\s*=*\n") or "no summary"
+
+
+cuda_tests, zero_nccl = _pytest_summary("cuda_tests"), _pytest_summary("zero_nccl")
 
 
 def bench_logprobs(folder):
@@ -62,13 +68,12 @@ def bench_generation(folder):
 
 
 def smollm2_rtpo(folder):
+    from rtpo.metrics import read_metrics
+
     run = os.path.join(folder, "smollm2_run")
-    rows = []
-    try:
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except OSError:
+    if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
         return "no metrics"
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     cfg = _json(run, "config.json") or {}
     n = cfg.get("rollout", {}).get("prompts_per_step", 0) * cfg.get("rollout", {}).get("num_generations", 0)
     train = [r for r in rows if "time_rollout" in r]
@@ -94,10 +99,6 @@ def update_mfu(folder):
 
 def _rate(flops):
     return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
-
-
-def zero_nccl(folder):
-    return _tail(folder, "zero_nccl", r"\n=*\s*([^\n]*(?:passed|failed|skipped|error)[^\n]*?)\s*=*\n") or "no summary"
 
 
 def main(folder):

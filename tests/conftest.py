@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,3 +18,16 @@ def tiny_args(out, cache, *extra):
             "--model.num_kv_heads", "1", "--model.intermediate_size", "64", "--data.synthetic_size", "50",
             "--warmstart.num_examples", "50", "--log.progress", "false", "--log.plot", "false",
             "--optim.micro_batch_size", "4", *[str(x) for x in extra]]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls are fastest single-threaded, and on a busy 2-core machine two OpenMP threads stall each
+    other (measured: a SmolLM2 parity test took 247 s with 2 threads under load, 2.5 s with 1)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

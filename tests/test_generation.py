@@ -13,13 +13,7 @@ V = 96  # vocabulary of the tiny random models
 PROMPTS = [[5, 17, 3], list(range(20, 40)), [7], [60, 61, 62, 63, 64, 65, 66]]  # lengths 3, 20, 1, 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls are fastest single-threaded (and 2-thread OpenMP stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):

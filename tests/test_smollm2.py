@@ -139,14 +139,7 @@ def smollm2(smollm2_dir):
     return models.load_model_and_tokenizer(ModelConfig(name="smollm2-135m"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a busy 2-core machine two OpenMP threads stall each other (measured here: the
-    parity test took 247 s with 2 threads under load, the same generation 2.5 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.slow

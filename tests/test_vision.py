@@ -13,12 +13,7 @@ from rtpo.logprobs import collate, completion_logprobs
 from rtpo.vision import VisionProcessor, batch_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +78,21 @@ def test_image_tokens_match_the_image_grid(vl, prompts):
     assert [int(x.image_grid_thw.prod(-1).sum()) // 4 for x in images] == [4, 6, 17, 16]
 
 
-def test_greedy_matches_hf_generate_on_left_padded_image_prompts(vl, prompts):
-    model, tok, _ = vl
-    ids_list, images = prompts
-    T = 12
+def greedy_ours_and_hf(model, tok, ids_list, images, T):
+    """(our greedy completions, transformers' generate's) of T tokens each, left-padded image prompts."""
     ours = generate(model, ids_list, SamplingConfig(max_new_tokens=T, temperature=0.0, pad_token_id=tok.pad_token_id),
                     images=images).completions
     inp = hf_inputs(tok, model, ids_list, images)
     with torch.no_grad():
         ref = model.generate(**inp, max_new_tokens=T, do_sample=False, min_new_tokens=T, eos_token_id=None,
                              pad_token_id=tok.pad_token_id)
-    ref = ref[:, inp["input_ids"].shape[1]:].tolist()
+    return ours, ref[:, inp["input_ids"].shape[1]:].tolist()
+
+
+def test_greedy_matches_hf_generate_on_left_padded_image_prompts(vl, prompts):
+    model, tok, _ = vl
+    ids_list, images = prompts
+    ours, ref = greedy_ours_and_hf(model, tok, ids_list, images, 12)
     assert ours == ref
     assert len({tuple(r) for r in ref}) == len(ref)  # the rows differ: the images and prompts matter
 
@@ -496,14 +495,8 @@ def test_qwen2_5_vl_greedy_and_logprobs_match_transformers(vl, prompts):
     _, tok, _ = vl
     model = tiny_qwen25_vl(tok)
     ids_list, images = prompts
-    T = 10
-    ours = generate(model, ids_list, SamplingConfig(max_new_tokens=T, temperature=0.0, pad_token_id=tok.pad_token_id),
-                    images=images).completions
-    inp = hf_inputs(tok, model, ids_list, images)
-    with torch.no_grad():
-        ref = model.generate(**inp, max_new_tokens=T, do_sample=False, min_new_tokens=T, eos_token_id=None,
-                             pad_token_id=tok.pad_token_id)
-    assert ours == ref[:, inp["input_ids"].shape[1]:].tolist()
+    ours, ref = greedy_ours_and_hf(model, tok, ids_list, images, 10)
+    assert ours == ref
     batch = collate(ids_list, ours, tok.pad_token_id, images=images)
     lp, _ = completion_logprobs(model, batch, with_entropy=False)
     compared = 0
