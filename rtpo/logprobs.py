@@ -16,6 +16,10 @@ Two batch layouts, the same [B, T] outputs:
   batch instead of once per completion, its gradient flows back once, and no row carries padding
   beyond the tail of its packed row. Positions restart per completion at len(prompt), as in the
   padded layout, so the math is the same (rounding aside: matmul shapes differ).
+
+`make_batch` picks `pack` unless the model's attention takes no custom mask, or the prompts carry
+images (their M-RoPE positions and vision features then come from the model's own forward, one row
+per completion).
 """
 
 from __future__ import annotations
