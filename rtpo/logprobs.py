@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kernels import linear_logprobs
-from rtpo.vision import batch_images, prompt_image_hidden
+from rtpo.vision import batch_images, packed_image_hidden, packed_images, prompt_image_hidden
 
 # Attention implementations that take a custom 4D mask as given (transformers' masking_utils returns a
 # 4D mask as-is); flash-attention kernels take no mask, so packing falls back to the padded layout there.
@@ -169,10 +169,12 @@ def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_pr
     attn = (same_tree & visible & causal) | torch.eye(L, dtype=torch.bool)
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": attn[:, None], "position_ids": torch.from_numpy(pos),
            "gather_index": torch.from_numpy(gather), "completion_ids": torch.from_numpy(cids),
-           "completion_mask": torch.from_numpy(cmask)}
+           "completion_mask": torch.from_numpy(cmask), "prompt_mask": (tree_t >= 0) & (seg_t == 0)}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
-    out["prompt_order"] = [trees[t][1][0] for t in sorted(range(len(trees)), key=lambda t: place[t])]
+    order = sorted(range(len(trees)), key=lambda t: place[t])
+    out["prompt_order"] = [trees[t][1][0] for t in order]
+    out["tree_spans"] = [(*place[t], len(trees[t][0]), sizes[t]) for t in order]  # (row, offset, prompt len, length)
     if model_kwargs:
         out["model_kwargs"] = model_kwargs
     return out
@@ -200,14 +202,18 @@ def make_batch(model, prompts: list, completions: list, pad_id: int, device=None
     """`pack` where the model can take it (`packing_problem`), else `collate`. Rows with images (per row:
     None or a list of processed images) take the padded layout: the vision tower and M-RoPE positions
     run in the model's own forward, which packed trees would have to re-derive per tree."""
-    if images is not None and any(images):
-        return collate(prompts, completions, pad_id, device, images=images)
+    images = images if images is not None and any(x is not None for x in images) else None
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     if packing and packing_problem(model, longest) is None:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return pack(prompts, completions, pad_id, device, share_prefix=share_prefix,
-                    hidden_size=getattr(cfg, "hidden_size", None))
-    return collate(prompts, completions, pad_id, device)
+        # rows of one prompt share its tree only if they share its images too (same ids, other pixels)
+        keys = None if images is None else [(tuple(p), id(x)) for p, x in zip(prompts, images)]
+        batch = pack(prompts, completions, pad_id, device, share_prefix=share_prefix, keys=keys,
+                     hidden_size=getattr(cfg, "hidden_size", None))
+        if images is not None:  # each tree's images once, in the order their image tokens appear in the rows
+            batch.update(packed_images(model, batch, prompts, images, device))
+        return batch
+    return collate(prompts, completions, pad_id, device, images=images)
 
 
 def _has_custom_head(model) -> bool:
@@ -245,6 +251,12 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     mask = batch["completion_mask"].bool()
     if "gather_index" in batch:  # packed: pick each completion token's predicting position out of the rows
         fwd, idx = _packed_inputs(model, batch), batch["gather_index"]
+        if batch.get("pixel_values") is not None:  # image prompts: vision tower once per tree, M-RoPE positions
+            hidden = packed_image_hidden(model, batch, fwd["attention_mask"])
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+            head = model.get_output_embeddings()
+            return linear_logprobs(hidden, head.weight, batch["completion_ids"], getattr(head, "bias", None),
+                                   temperature=temperature, mask=mask, return_entropy=with_entropy)
         if _has_custom_head(model):
             logits = model(**fwd).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx.reshape(-1))

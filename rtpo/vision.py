@@ -236,3 +236,42 @@ def prompt_image_hidden(model, batch: dict) -> torch.Tensor:
                          "features")
     embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
     return trunk.language_model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos).last_hidden_state
+
+
+def packed_images(model, batch: dict, prompts: list, images: list, device=None) -> dict:
+    """For a packed batch (rtpo.logprobs.pack) whose prompts carry images: each tree's images once, in
+    the order the trees' image tokens appear in the flattened rows (pixel_values, image_grid_thw), and
+    the [3, R, L] M-RoPE positions: a tree's prompt takes the positions the model's get_rope_index gives
+    it alone; its completions continue as text from the prompt's next position (n + rope delta), each
+    restarting there, as in the padded layout."""
+    pos1 = batch["position_ids"]
+    pos = pos1.unsqueeze(0).repeat(3, 1, 1)
+    for first, (r, o, P, n) in zip(batch["prompt_order"], batch["tree_spans"]):
+        x = images[first]
+        if x is None:  # a text prompt in an image batch: its positions are plain text positions
+            continue
+        ids = torch.tensor([prompts[first]], device=pos1.device)
+        p3, delta = mrope_positions(model, ids, torch.ones_like(ids), x.image_grid_thw.to(pos1.device))
+        pos[:, r, o:o + P] = p3[:, 0].to(pos.dtype)
+        pos[:, r, o + P:o + n] = pos1[r, o + P:o + n] + int(delta[0])
+    out = batch_images([images[i] for i in batch["prompt_order"]], device)
+    out["mrope_position_ids"] = pos
+    return out
+
+
+def packed_image_hidden(model, batch: dict, attention_mask) -> torch.Tensor:
+    """[R, L, H] last hidden states of a packed batch with images (`packed_images`): the trees' image
+    features fill their prompts' image tokens (an image token sampled in a completion stays text), then
+    the decoder runs with the packed 4D mask and M-RoPE positions."""
+    trunk = vision_trunk(model)
+    ids = batch["input_ids"]
+    embeds = trunk.get_input_embeddings()(ids)
+    feats = trunk.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    where = (ids == trunk.config.image_token_id) & batch["prompt_mask"]
+    if int(where.sum()) != feats.shape[0]:
+        raise ValueError(f"the packed prompts hold {int(where.sum())} image tokens but their images give "
+                         f"{feats.shape[0]} features")
+    embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
+    return trunk.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                position_ids=batch["mrope_position_ids"]).last_hidden_state
