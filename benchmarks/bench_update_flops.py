@@ -65,10 +65,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes, reps: int = 5) 
 
 
 def model_shape(model) -> dict:
-    """Parameter counts and the dimensions the FLOP model needs."""
-    cfg = model.config
+    """Parameter counts and the dimensions the FLOP model needs (a vision-language model's text decoder:
+    its vision tower's FLOPs are not counted, so its utilisation is understated)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     emb = model.get_input_embeddings().weight
+    vision = getattr(getattr(model, "model", model), "visual", None)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    total -= sum(p.numel() for p in vision.parameters()) if vision is not None else 0
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return {"params": total, "body_params": total - emb.numel(), "hidden": cfg.hidden_size,
@@ -100,7 +103,8 @@ def sharing(cfg) -> bool:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--preset", default="smollm2", help="the trainer preset (e.g. shapes: the tiny VLM)")
+    ap.add_argument("--model", default=None, help="model.name (default: the preset's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 4 CPU, 32 CUDA)")
     ap.add_argument("--G", type=int, default=None, help="completions per prompt (default 4 CPU, 8 CUDA)")
@@ -116,10 +120,10 @@ def main(argv=None):
     cuda = device.type == "cuda"
     prompts, G = a.prompts or (32 if cuda else 4), a.G or (8 if cuda else 4)
     new = a.new_tokens or (128 if cuda else 64)
-    out_path = a.out or os.path.join(ROOT, "benchmarks", "results", f"bench_update_flops_{device.type}.json")
+    out_path = a.out or os.path.join(ROOT, "benchmarks", "results", f"bench_update_flops_{a.preset}_{device.type}.json")
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--preset", "smollm2", "--model", a.model, "--run.device", a.device,
+        argv = ["--preset", a.preset, *(["--model", a.model] if a.model else []), "--run.device", a.device,
                 "--rollout.prompts_per_step", str(prompts), "--G", str(G), "--rollout.max_new_tokens", str(new),
                 "--optim.micro_batch_size", str(a.micro_batch or prompts * G), "--eval.num_examples", "0",
                 "--log.progress", "false", "--run.output_dir", tmp, "--run.num_threads", str(a.threads),
@@ -164,7 +168,7 @@ def main(argv=None):
     wall, opt = statistics.median(walls), statistics.median(opts)
     fb = wall - opt
     res = {
-        "model": a.model, "device": str(device), "dtype": str(dtype), "threads": threads, "keep": a.keep,
+        "model": cfg.model.name, "preset": a.preset, "device": str(device), "dtype": str(dtype), "threads": threads, "keep": a.keep,
         "prompts": prompts, "G": G, "max_new_tokens": new, "prompt_shared_in_update": shared,
         "shape": shape, **fl, "update_seconds": walls, "optimizer_seconds": opts,
         "matmul_peak_flops": peak["flops"], "matmul_peak_per_size": {str(k): v for k, v in peak["per_size"].items()},
@@ -175,7 +179,7 @@ def main(argv=None):
                     "gpu": torch.cuda.get_device_name(device) if cuda else None},
     }
     g = 1e9
-    print(f"update FLOP/s on {a.model}, {device} {dtype}, {threads} thread(s), keep {a.keep}, "
+    print(f"update FLOP/s on {cfg.model.name}, {device} {dtype}, {threads} thread(s), keep {a.keep}, "
           f"{prompts} prompts x G {G}, prompt {'shared' if shared else 'per row'}:")
     print(f"| tokens (prompt + completion) | GFLOP / update | update s | optimizer s | fwd+bwd GFLOP/s | "
           f"matmul peak GFLOP/s | MFU fwd+bwd | MFU update |")

@@ -17,9 +17,9 @@ Two batch layouts, the same [B, T] outputs:
   beyond the tail of its packed row. Positions restart per completion at len(prompt), as in the
   padded layout, so the math is the same (rounding aside: matmul shapes differ).
 
-`make_batch` picks `pack` unless the model's attention takes no custom mask, or the prompts carry
-images (their M-RoPE positions and vision features then come from the model's own forward, one row
-per completion).
+`make_batch` picks `pack` unless the model's attention takes no custom mask. Prompts with images
+(Qwen2-VL style) pack too: each tree's images are encoded once and its M-RoPE positions come from the
+model's get_rope_index on its prompt (rtpo.vision.packed_images).
 """
 
 from __future__ import annotations
@@ -199,9 +199,8 @@ def packing_problem(model, longest: int) -> str | None:
 
 def make_batch(model, prompts: list, completions: list, pad_id: int, device=None, *, packing: bool = True,
                share_prefix: bool = True, images: list | None = None) -> dict:
-    """`pack` where the model can take it (`packing_problem`), else `collate`. Rows with images (per row:
-    None or a list of processed images) take the padded layout: the vision tower and M-RoPE positions
-    run in the model's own forward, which packed trees would have to re-derive per tree."""
+    """`pack` where the model can take it (`packing_problem`), else `collate`. `images`: per row, its
+    processed images (rtpo.vision.ImageInputs) or None; rows share a tree only if they share their images."""
     images = images if images is not None and any(x is not None for x in images) else None
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     if packing and packing_problem(model, longest) is None:
