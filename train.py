@@ -11,6 +11,7 @@ Every config key is listed in README.md (config reference); `--help` prints the 
 """
 
 import errno
+import gc
 import json
 import sys
 
@@ -55,6 +56,10 @@ def main(argv=None) -> int:
         print(f"error: {_one_line(e) or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
+        # the DDP wrapper (its reducer) holds the process group: free it while the group is alive, or gloo's
+        # threads may be destroyed at interpreter exit ("terminate called without an active exception")
+        trainer = None
+        gc.collect()
         shutdown(synchronize=finished)
     if is_main_process():
         print(json.dumps(summary, indent=2))

@@ -276,7 +276,9 @@ def env(**extra):
 def launch(cmd, timeout=300, **env_extra):
     p = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=env(**env_extra))
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-6000:])
+    if p.returncode != 0:  # printed whole (pytest shows a failing test's output; it cuts the assert message short)
+        print(f"--- exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-8000:]}")
+    assert p.returncode == 0, p.stderr[-300:]
     return p
 
 
