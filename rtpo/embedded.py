@@ -58,9 +58,15 @@ def build_model(tokenizer, hidden_size=128, num_layers=4, num_heads=4, num_kv_he
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
     )
+    return from_config(AutoModelForCausalLM, config, tokenizer, seed)
+
+
+def from_config(auto_cls, config, tokenizer, seed: int):
+    """`auto_cls.from_config(config)` in float32, initialised from `seed` without touching the global RNG,
+    generating with the tokenizer's pad and EOS tokens."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_cls.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -9,8 +9,6 @@ image to between 56x56 and 112x112 pixels, i.e. 4 to 16 image tokens after the 2
 
 from __future__ import annotations
 
-import torch
-
 from rtpo import embedded
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -90,9 +88,4 @@ def build_model(tokenizer, hidden_size=128, num_layers=4, num_heads=4, num_kv_he
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END], tie_word_embeddings=True, **special,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return embedded.from_config(AutoModelForImageTextToText, config, tokenizer, seed)

@@ -116,15 +116,15 @@ def _first_fit(sizes: list) -> tuple:
 
 
 def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_prefix: bool = True, keys=None,
-         model_kwargs: dict | None = None, hidden_size: int | None = None) -> dict:
+         hidden_size: int | None = None) -> dict:
     """The packed layout (module docstring). input_ids/position_ids [R, L]; attention_mask [R, 1, L, L]
     bool (True: may attend); gather_index [B, T]: for completion token t of row b, the flat index into
     the [R * L] positions of the hidden state that predicts it (the prompt's last position for t = 0);
     completion_ids/completion_mask [B, T] as in `collate`; prompt_order: the first row of each tree (one
     per distinct prompt, or more with `hidden_size`), in the order the trees' prompts appear in the
-    flattened [R * L] positions. `model_kwargs` go to the
-    model's forward unchanged: extra prompt inputs (e.g. a vision model's pixel values, which the caller
-    orders by prompt_order; `keys` then tells which prompts are the same). Every prompt must hold at least
+    flattened [R * L] positions, and tree_spans their (row, offset, prompt length, length); prompt_mask
+    [R, L]: the prompts' positions. Per-prompt inputs beyond the ids (a vision model's images) are ordered
+    by prompt_order (rtpo.vision.packed_images); `keys` then tells which prompts are the same. Every prompt must hold at least
     one token. With `hidden_size` (the model's), a group whose completions are long against its prompt is
     laid out as several trees (`tree_completions`); without, one tree per distinct prompt."""
     if any(len(p) == 0 for p in prompts):
@@ -175,8 +175,6 @@ def pack(prompts: list, completions: list, pad_id: int, device=None, *, share_pr
     order = sorted(range(len(trees)), key=lambda t: place[t])
     out["prompt_order"] = [trees[t][1][0] for t in order]
     out["tree_spans"] = [(*place[t], len(trees[t][0]), sizes[t]) for t in order]  # (row, offset, prompt len, length)
-    if model_kwargs:
-        out["model_kwargs"] = model_kwargs
     return out
 
 
@@ -232,8 +230,7 @@ def _packed_inputs(model, batch: dict) -> dict:
         # fwd + bwd); it must have the query's dtype, which autocast would change: autocast keeps the bool mask
         dtype = model.get_input_embeddings().weight.dtype
         attn = torch.zeros(attn.shape, dtype=dtype, device=attn.device).masked_fill(~attn, torch.finfo(dtype).min)
-    return {"input_ids": batch["input_ids"], "attention_mask": attn, "position_ids": batch["position_ids"],
-            **batch.get("model_kwargs", {})}
+    return {"input_ids": batch["input_ids"], "attention_mask": attn, "position_ids": batch["position_ids"]}
 
 
 def _from_logits(logits, batch, mask, temperature, with_entropy):
@@ -244,6 +241,11 @@ def _from_logits(logits, batch, mask, temperature, with_entropy):
     return logp, ent
 
 
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[R, L, D] per-position outputs of packed rows -> [B, T, D] at the flat positions `idx` [B, T]."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+
+
 def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entropy: bool = True):
     """log pi(completion token | prefix) / temperature-scaled, and the entropy of that
     distribution, [B, T] each (0 where completion_mask is 0). `batch` from `collate` or `pack`."""
@@ -251,17 +253,11 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     if "gather_index" in batch:  # packed: pick each completion token's predicting position out of the rows
         fwd, idx = _packed_inputs(model, batch), batch["gather_index"]
         if batch.get("pixel_values") is not None:  # image prompts: vision tower once per tree, M-RoPE positions
-            hidden = packed_image_hidden(model, batch, fwd["attention_mask"])
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
-            head = model.get_output_embeddings()
-            return linear_logprobs(hidden, head.weight, batch["completion_ids"], getattr(head, "bias", None),
-                                   temperature=temperature, mask=mask, return_entropy=with_entropy)
-        if _has_custom_head(model):
-            logits = model(**fwd).logits
-            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx.reshape(-1))
-            return _from_logits(logits.view(*idx.shape, -1), batch, mask, temperature, with_entropy)
-        hidden = model.get_decoder()(**fwd).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+            hidden = _gather(packed_image_hidden(model, batch, fwd["attention_mask"]), idx)
+        elif _has_custom_head(model):
+            return _from_logits(_gather(model(**fwd).logits, idx), batch, mask, temperature, with_entropy)
+        else:
+            hidden = _gather(model.get_decoder()(**fwd).last_hidden_state, idx)
     elif batch.get("pixel_values") is not None:  # image prompts: vision tower + decoder with M-RoPE positions
         hidden = prompt_image_hidden(model, batch)[:, batch["prompt_len"] - 1:-1]
     else:
@@ -273,7 +269,6 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     head = model.get_output_embeddings()
     return linear_logprobs(hidden, head.weight, batch["completion_ids"], getattr(head, "bias", None),
                            temperature=temperature, mask=mask, return_entropy=with_entropy)
-
 
 
 # ----------------------------------------------------------------------------- micro batches by tokens

@@ -252,18 +252,18 @@ class Trainer:
             raise ConfigError(f"model.lora.bias = {c.model.lora.bias!r} trains the base model's biases, so the base with "
                               "adapters disabled is no longer the starting policy that loss.beta's KL term needs; use "
                               "--model.lora.bias none, or --loss.beta 0")
+        run_base = os.path.abspath(os.path.join(self.out, lora.BASE_DIR))
+        self._base_pending = None
         if self.resume_from:
-            (base, rev), self._base_pending = self._lora_base, None
+            base, rev = self._lora_base
         else:
             base = lora.base_source(c.model.name, changed=self._warmstart_enabled())
             rev = c.model.revision if base is not None and not os.path.isdir(base) else None
-            self._base_pending = None
-            if base is None:
-                base = os.path.abspath(os.path.join(self.out, lora.BASE_DIR))
+            base = run_base if base is None else base
         pm = lora.attach(self.model, c.model.lora, base, rev, seed=c.run.seed)
         if self.resume_from:
             lora.load_adapter_weights(pm, self.resume_from)
-        elif base == os.path.abspath(os.path.join(self.out, lora.BASE_DIR)):
+        elif base == run_base:
             # base tensors that train (biases with model.lora.bias != none), as they are before any update
             trainable = {lora.base_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
             self._base_pending = {k: v.detach().clone() for k, v in lora.base_state_dict(self.model).items()
@@ -544,8 +544,8 @@ class Trainer:
         return split_even(rows, costs, fixed) if fixed else split_by_tokens(rows, costs, o.micro_batch_tokens)
 
     def _batch(self, prompts: list, completions: list, images=None) -> dict:
-        """The log-prob batch of these rows: packed, each distinct prompt once (optim.packing / share_prefix),
-        or padded where the model cannot take a packed batch or the prompts carry images (rtpo.logprobs.make_batch)."""
+        """The log-prob batch of these rows (and their images, if any): packed, each distinct prompt once
+        (optim.packing / share_prefix), or padded where the model cannot take a packed batch (rtpo.logprobs.make_batch)."""
         o = self.cfg.optim
         return make_batch(self.model, prompts, completions, self.tok.pad_token_id, self.device, packing=o.packing,
                           share_prefix=o.share_prefix, images=images)

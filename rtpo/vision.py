@@ -227,15 +227,20 @@ def prompt_image_hidden(model, batch: dict) -> torch.Tensor:
     trunk = vision_trunk(model)
     ids, attn, P = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
     pos, _ = mrope_positions(model, ids, attn, batch["image_grid_thw"], prompt_len=P)
-    embeds = trunk.get_input_embeddings()(ids)
+    embeds = _image_embeddings(trunk, batch, image_token_mask(ids, trunk.config.image_token_id, P))
+    return trunk.language_model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos).last_hidden_state
+
+
+def _image_embeddings(trunk, batch: dict, where: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of batch["input_ids"], the image features (one per image token, in order) put
+    at the positions `where` [B, L] marks: the prompts' image tokens."""
+    embeds = trunk.get_input_embeddings()(batch["input_ids"])
     feats = trunk.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-    where = image_token_mask(ids, trunk.config.image_token_id, P)
     if int(where.sum()) != feats.shape[0]:
         raise ValueError(f"the prompts hold {int(where.sum())} image tokens but their images give {feats.shape[0]} "
                          "features")
-    embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
-    return trunk.language_model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos).last_hidden_state
+    return embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
 
 
 def packed_images(model, batch: dict, prompts: list, images: list, device=None) -> dict:
@@ -264,14 +269,6 @@ def packed_image_hidden(model, batch: dict, attention_mask) -> torch.Tensor:
     features fill their prompts' image tokens (an image token sampled in a completion stays text), then
     the decoder runs with the packed 4D mask and M-RoPE positions."""
     trunk = vision_trunk(model)
-    ids = batch["input_ids"]
-    embeds = trunk.get_input_embeddings()(ids)
-    feats = trunk.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
-    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-    where = (ids == trunk.config.image_token_id) & batch["prompt_mask"]
-    if int(where.sum()) != feats.shape[0]:
-        raise ValueError(f"the packed prompts hold {int(where.sum())} image tokens but their images give "
-                         f"{feats.shape[0]} features")
-    embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
+    embeds = _image_embeddings(trunk, batch, (batch["input_ids"] == trunk.config.image_token_id) & batch["prompt_mask"])
     return trunk.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                 position_ids=batch["mrope_position_ids"]).last_hidden_state
