@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -265,11 +266,69 @@ def remove_checkpoints(run_dir: str) -> None:
 
 
 def save_state(path: str, state: dict) -> None:
+    """trainer_state.pt: tensors and plain values only (dicts, lists, tuples, numbers, strings), so that
+    `load_state` can read it with torch's weights-only unpickler."""
     torch.save(state, os.path.join(path, STATE_FILE))
 
 
+def _numpy_array_globals() -> list:
+    """What a numpy array pickles as (data only: these rebuild an array, they call nothing else).
+    trainer_state.pt files written before rtpo stored RNG state as tensors hold numpy's MT19937 key."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    out += [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]  # numpy >= 1.25 pickles dtype classes
+    return out
+
+
 def load_state(path: str) -> dict:
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    """trainer_state.pt of checkpoint `path`, read with `weights_only=True`: a file that would need any
+    other object rebuilt (a crafted pickle that runs code when loaded) is refused, never unpickled.
+    Raises CheckpointError naming the file (unsafe, truncated or unreadable)."""
+    import pickle
+
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = " ".join(str(e).split("Check the documentation")[0].split())[:300]
+        raise CheckpointError(f"{file} holds objects that are not tensors or plain values, and loading it could run "
+                              f"code; rtpo does not write such files and refuses to unpickle it ({what})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file} cannot be read ({e.strerror or e})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:  # truncated or damaged archive
+        raise CheckpointError(f"{file} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def rng_state() -> dict:
+    """Every random generator the run draws from, as tensors and plain values (weights-only loadable)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore `rng_state()`'s generators (also the tuple form older checkpoints stored)."""
+    import numpy as np
+
+    py, nps = st["python"], st["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
+    if isinstance(nps, dict):
+        nps = (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"])
+    random.setstate(py)
+    np.random.set_state(nps)
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 # --- atomic folders (warm-start cache, GGUF conversions) ------------------------------------------

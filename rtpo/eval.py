@@ -51,7 +51,10 @@ def _read_config(path: str):
         with open(run_json, encoding="utf-8") as f:
             return json.load(f)
     if os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
-        return ckpt.load_state(path).get("config")
+        try:
+            return ckpt.load_state(path).get("config")
+        except ckpt.CheckpointError as e:
+            raise ConfigError(str(e)) from None
     return None
 
 

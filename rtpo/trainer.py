@@ -786,8 +786,7 @@ class Trainer:
         return {
             "step": self.step, **self.backend.state_dict(),  # optimizer, scheduler
             "curriculum": self.curriculum.state_dict(), "generator": self.gen.get_state(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": ckpt.rng_state(),
             "consecutive_skips": self.consecutive_skips, "skipped_total": self.skipped_total,
             "config": self.cfg.to_dict(),
         }
@@ -828,17 +827,16 @@ class Trainer:
         return self.comm.broadcast(path)
 
     def _load_state(self, path: str) -> None:
+        try:
+            st = ckpt.load_state(path)  # first: nothing else of the folder is unpickled if this file is unsafe
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"run.resume: {e}") from None
         self.backend.load_shards(path)  # before the schedule state below, which wins
-        st = ckpt.load_state(path)
         self.step = st["step"]
         self.backend.load_state_dict(st)
         self.curriculum.load_state_dict(st["curriculum"])
         self.gen.set_state(st["generator"])
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
-        torch.set_rng_state(st["rng"]["torch"])
-        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        ckpt.set_rng_state(st["rng"])
         self.consecutive_skips = st["consecutive_skips"]
         self.skipped_total = st["skipped_total"]
 
