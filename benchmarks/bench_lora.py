@@ -70,8 +70,8 @@ def worker(arm: str, args) -> dict:
     for s in range(args.steps):
         tr.train_step(s)
     steps = time.perf_counter() - t1
-    model = tr.model
-    ref = [] if tr.ref is None or isinstance(tr.ref, AdaptersOff) else list(tr.ref.parameters())
+    model = tr.run.model
+    ref = [] if tr.run.ref is None or isinstance(tr.run.ref, AdaptersOff) else list(tr.run.ref.parameters())
     opt = tr.backend.optimizer
     trainable, total = param_counts(model)
     res = {"arm": arm, "params": total, "trainable_params": trainable,
@@ -79,7 +79,7 @@ def worker(arm: str, args) -> dict:
            "grad_bytes": tensor_bytes(p.grad for p in model.parameters()),
            "optimizer_state_bytes": tensor_bytes(v for st in opt.state.values() for v in st.values()
                                                  if torch.is_tensor(v) and v.dim() > 0),
-           "reference": "adapters disabled" if isinstance(tr.ref, AdaptersOff) else "deep copy",
+           "reference": "adapters disabled" if isinstance(tr.run.ref, AdaptersOff) else "deep copy",
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "setup_seconds": setup, "step_seconds": steps / max(args.steps, 1)}
     res["held_bytes"] = sum(res[k] for k in ("policy_param_bytes", "reference_param_bytes", "grad_bytes",

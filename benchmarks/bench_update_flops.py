@@ -132,8 +132,8 @@ def main(argv=None):
                  else ["--curriculum.schedule", "none"])
         cfg = parse_args(argv + list(a.extra))
         tr = Trainer(cfg, log=lambda m: None)
-        ro = tr.rollout(0)
-        sc = tr.score(ro)
+        ro = tr.sampler.rollout(0)
+        sc = tr.scorer.score(ro)
 
         timers = {"optimizer": 0.0}
         step = tr.backend.step
@@ -147,17 +147,17 @@ def main(argv=None):
             return r
 
         tr.backend.step = timed_step
-        tr.update(ro, sc)  # warm-up (allocations, kernel selection)
+        tr.updater.update(ro, sc)  # warm-up (allocations, kernel selection)
         walls, opts = [], []
         for _ in range(a.reps):
             timers["optimizer"] = 0.0
             _sync(device)
             t0 = time.perf_counter()
-            tr.update(ro, sc)
+            tr.updater.update(ro, sc)
             _sync(device)
             walls.append(time.perf_counter() - t0)
             opts.append(timers["optimizer"])
-        shape = model_shape(tr.model)
+        shape = model_shape(tr.run.model)
         shared = sharing(cfg)
         fl = update_flops(shape, ro.prompts, ro.completions, G, shared)
         fl["flops"] *= cfg.loss.num_iterations  # each pass over the rows is a forward + backward

@@ -113,12 +113,12 @@ def rtpo_trainer(args, out_dir, threads, variant="rtpo"):
 
 
 def step_prompts(t, n_steps):
-    """The prompts rtpo uses at steps 0..n_steps-1 (Trainer.step_prompts) as (text, answer, ids), in order."""
+    """The prompts rtpo uses at steps 0..n_steps-1 (Sampler.step_prompts) as (text, answer, ids), in order."""
     out = []
     for s in range(n_steps):
-        idx, _, prompts = t.step_prompts(s)
-        out += [(t.tok.decode(ids, skip_special_tokens=False), t.train_rows[i].answer, ids)
-                for i, (ids, _) in zip(idx, prompts)]
+        idx, _, prompts = t.sampler.step_prompts(s)
+        out += [(t.run.tok.decode(ids, skip_special_tokens=False), t.run.train_rows[i].answer, ids)
+                for i, ids in zip(idx, (p.ids for p in prompts))]
     return out
 
 
@@ -231,9 +231,9 @@ def _trl_worker(conn, args, threads, tmp, t0):
     n_steps = args.warmup + args.steps + 2
     prompts = step_prompts(t, n_steps)
     for text, _, ids in prompts[:64]:
-        assert t.tok(text)["input_ids"] == ids, "prompt text does not re-tokenize to rtpo's ids"
+        assert t.run.tok(text)["input_ids"] == ids, "prompt text does not re-tokenize to rtpo's ids"
     ds = Dataset.from_list([{"prompt": text, "answer": ans} for text, ans, _ in prompts])
-    model, tok = t.model, t.tok
+    model, tok = t.run.model, t.run.tok
     del t
     targs = trl_config(c, os.path.join(tmp, "trl"), args, threads, n_steps + 1)
     trainer = GRPOTrainer(model=model, reward_funcs=make_reward_funcs(
@@ -451,8 +451,8 @@ def check_loss(args):
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     t = rtpo_trainer(args, tempfile.mkdtemp(prefix="bench_vs_trl_rtpo_"), 1)
-    cfg, tok = t.cfg, t.tok
-    model_path = t.model.config._name_or_path  # the cached warm-start folder
+    cfg, tok = t.cfg, t.run.tok
+    model_path = t.run.model.config._name_or_path  # the cached warm-start folder
     B, T, L = 64, cfg.rollout.max_new_tokens, cfg.rollout.max_new_tokens
     b = _synthetic_batch(B, T, 0)
     cases = []
@@ -504,21 +504,22 @@ def check_real_batch(t, model_path, args):
     import torch
 
     from rtpo.logprobs import collate, completion_logprobs
+    from rtpo.update import Normalizers
 
-    cfg, tok = t.cfg, t.tok
+    cfg, tok = t.cfg, t.run.tok
     micro = cfg.optim.micro_batch_size
-    ro = t.rollout(0)
-    sc = t.score(ro)
+    ro = t.sampler.rollout(0)
+    sc = t.scorer.score(ro)
     N = len(ro.completions)
     ga = N // micro
-    # rtpo: the trainer's own micro-batch loss (Trainer._micro_loss) and backward, without the optimizer step
-    model_r = t.model.train()
+    # rtpo: the trainer's own micro-batch loss (Updater.micro_loss) and backward, without the optimizer step
+    model_r = t.run.model.train()
     model_r.zero_grad(set_to_none=True)
     n_tokens = sum(len(c) for c in ro.completions)
     loss_r, lp_r = 0.0, []
     for j in range(0, N, micro):
         rows = list(range(j, j + micro))
-        loss, _ = t._micro_loss(ro, sc, rows, ([], []), 0, n_tokens, N, None, None)
+        loss, _ = t.updater.micro_loss(ro.take(rows), sc.advantages[rows], Normalizers(n_tokens, N, 0))
         loss.backward()
         loss_r += loss.item()
         with torch.no_grad():  # the same rows' log-probs, to compare with TRL's

@@ -41,7 +41,7 @@ KEEPS = (1.0, 0.5, 0.0)
 
 def evaluate_all(tr, n, log):
     """rtpo.eval at keep 1 / 0.5 / 0 on the first n held-out rows, keyed by str(keep)."""
-    return {str(r["keep"]): r for r in evaluate_keeps(tr, KEEPS, n, progress=False, samples=3, log=log)}
+    return {str(r["keep"]): r for r in evaluate_keeps(tr.run, KEEPS, n, progress=False, samples=3, log=log)}
 
 
 def main(argv=None) -> int:
@@ -59,11 +59,11 @@ def main(argv=None) -> int:
     log = print
     t0 = time.perf_counter()
     tr = Trainer(cfg)
-    log(f"[bench] setup {time.perf_counter() - t0:.1f} s; {len(tr.train_rows)} train / {len(tr.eval_rows)} eval rows; "
+    log(f"[bench] setup {time.perf_counter() - t0:.1f} s; {len(tr.run.train_rows)} train / {len(tr.run.eval_rows)} eval rows; "
         f"torch threads {torch.get_num_threads()}")
-    result = {"config": cfg.to_dict(), "steps": args.steps, "num_eval": min(args.num_eval, len(tr.eval_rows)),
+    result = {"config": cfg.to_dict(), "steps": args.steps, "num_eval": min(args.num_eval, len(tr.run.eval_rows)),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "device": str(tr.device),
+                          "threads": torch.get_num_threads(), "device": str(tr.run.device),
                           # other jobs on a shared CPU slow every timing here: the 1-minute load at start/end
                           "load_start": os.getloadavg()[0]}}
     log("[bench] before RL")

@@ -32,12 +32,12 @@ import math
 import os
 import socket
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from rtpo.config import ConfigError, RTPOConfig
-from rtpo.logprobs import completion_logprobs
+from rtpo.device import auto_device, auto_dtype
+from rtpo.logprobs import completion_logprobs, mini_batches
 
 AUTO = "auto"
 DS_TAG = "state"
@@ -51,18 +51,8 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def _free_port() -> int:
@@ -152,7 +142,7 @@ def micro_batches_per_update(cfg: RTPOConfig, world: int) -> int:
                           f"trains on whole prompts (all G completions of a prompt on one process, so that group "
                           f"advantages are exact); use a multiple of {world}")
     rows = P // world * G
-    counts = sorted({math.ceil(len(s) / m) for s in np.array_split(np.arange(rows), M) if len(s)})
+    counts = sorted({math.ceil(len(s) / m) for s in mini_batches(rows, M)})
     if len(counts) > 1:
         raise ConfigError(f"optim.mini_batches = {M} splits each process's {rows} rollout rows into mini batches of "
                           f"{counts} micro batches (optim.micro_batch_size = {m}); DeepSpeed needs one "
@@ -161,15 +151,14 @@ def micro_batches_per_update(cfg: RTPOConfig, world: int) -> int:
     return counts[0]
 
 
-def _ds_dtype(cfg: RTPOConfig, ds: dict, source: str):
+def _ds_dtype(cfg: RTPOConfig, ds: dict, source: str, device: str):
     """(bf16, fp16) for DeepSpeed from run.dtype; with run.dtype auto an explicit DeepSpeed setting wins."""
     want = {"float32": (False, False), "bfloat16": (True, False), "float16": (False, True)}.get(cfg.run.dtype)
     given = [(ds.get(k) or {}).get("enabled", AUTO) if isinstance(ds.get(k), dict) else AUTO for k in ("bf16", "fp16")]
     if want is None:  # run.dtype auto
         if given[0] is True or given[1] is True:
             return given[0] is True, given[1] is True
-        on_gpu = cfg.run.device.startswith("cuda") or (cfg.run.device == "auto" and torch.cuda.is_available())
-        return (on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()), False
+        return auto_dtype("auto", device) is torch.bfloat16, False
     for name, g, w in zip(("bf16", "fp16"), given, want):
         if g != AUTO and bool(g) != w:
             raise ConfigError(f"{source}: {name}.enabled = {json.dumps(g)} but run.dtype = {cfg.run.dtype!r}; make "
@@ -178,10 +167,10 @@ def _ds_dtype(cfg: RTPOConfig, ds: dict, source: str):
 
 
 def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | None = None,
-                      source: str = "DeepSpeed config") -> dict:
+                      source: str = "DeepSpeed config", device: str | None = None) -> dict:
     """A copy of `ds` with every "auto" filled from the rtpo config, so the two never disagree;
-    a value given explicitly that differs from the rtpo config is an error naming both.
-    May set cfg.run.dtype when it is "auto" and the DeepSpeed config enables bf16/fp16."""
+    a value given explicitly that differs from the rtpo config is an error naming both. `cfg` is
+    only read: the precision it settles is `ds_amp_dtype` of the result."""
     out = copy.deepcopy(ds)
     stage = zero_stage(out)
     if stage not in (1, 2, 3):
@@ -206,14 +195,12 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
            "optim.micro_batch_size x gradient_accumulation_steps x processes")
     settle(("gradient_clipping",), float(o.max_grad_norm), "optim.max_grad_norm")
 
-    bf16, fp16 = _ds_dtype(cfg, out, source)
+    bf16, fp16 = _ds_dtype(cfg, out, source, device or auto_device(cfg.run.device))
     for name, on in (("bf16", bf16), ("fp16", fp16)):
         node = out.get(name)
         if not isinstance(node, dict):
             node = out[name] = {}
         node["enabled"] = on
-    if cfg.run.dtype == "auto" and (bf16 or fp16):
-        cfg.run.dtype = "bfloat16" if bf16 else "float16"
 
     zo = out.setdefault("zero_optimization", {})
     _resolve_optimizer(out, cfg, source, settle)
@@ -222,6 +209,15 @@ def resolve_ds_config(ds: dict, cfg: RTPOConfig, world: int, hidden_size: int | 
     if left:
         raise ConfigError(f"{source}: rtpo cannot fill \"auto\" for {', '.join(left)}; give explicit values")
     return out
+
+
+def ds_amp_dtype(resolved: dict, cfg: RTPOConfig, device: str):
+    """The autocast dtype of a run with this resolved DeepSpeed config: its bf16 / fp16, else run.dtype's."""
+    if resolved["bf16"]["enabled"]:
+        return torch.bfloat16
+    if resolved["fp16"]["enabled"]:
+        return torch.float16
+    return auto_dtype(cfg.run.dtype, device)
 
 
 def _settle(out: dict, path: tuple, want, rtpo_key: str, source: str) -> None:
@@ -339,11 +335,9 @@ def gathered_for_generation(engine):
 # ----------------------------------------------------------------------------- placement
 
 def place(cfg: RTPOConfig, use_deepspeed: bool) -> str:
-    """Put this process on its device (cuda:LOCAL_RANK with several processes): sets cfg.run.device and
-    returns the device type. Runs before DeepSpeed is imported: it picks its accelerator on import."""
-    dev, world = cfg.run.device, world_size()
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    """Put this process on its device (cuda:LOCAL_RANK with several processes) and return that device's
+    name. Runs before DeepSpeed is imported: it picks its accelerator on import."""
+    dev, world = auto_device(cfg.run.device), world_size()
     if dev.startswith("cuda"):
         if world > 1:
             if dev not in ("cuda", f"cuda:{local_rank()}"):
@@ -351,11 +345,10 @@ def place(cfg: RTPOConfig, use_deepspeed: bool) -> str:
                                   "uses cuda:LOCAL_RANK; leave --run.device auto")
             dev = f"cuda:{local_rank()}"
         torch.cuda.set_device(torch.device(dev).index or 0)
-        cfg.run.device = dev
-        return "cuda"
+        return dev
     if use_deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return "cpu"
+    return dev
 
 
 def check_boundary(micro_count: int, gas: int) -> None:

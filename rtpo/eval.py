@@ -18,8 +18,9 @@ prompt format (chat template, system prompt, think tags, injection mode) and the
 held-out rows, so a checkpoint is scored on exactly what its run evaluated; `--dataset` and any
 `--section.key value` override it, `--preset` and `--config` work as in train.py. Each hint fraction
 keep cuts every held-out row's trace to floor(keep * n) tokens, as in training (keep 0 = the
-evaluation prompt). Decoding is greedy, in batches of eval.batch_size, through the trainer's own
-rollout engine; scoring is the trainer's: accuracy, format and every configured reward function.
+evaluation prompt). The run is built as training builds it (rtpo.run.setup, without an optimizer or
+an output folder); decoding is greedy, in batches of eval.batch_size, and scoring is training's
+(rtpo.evaluation): accuracy, format and every configured reward function.
 
 Prints a table (or JSON with `--out -`), and writes JSON with `--out FILE.json`.
 Exit codes: 0 done, 2 bad checkpoint / config / data, 3 a reward function failed.
@@ -31,13 +32,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 from rtpo import checkpoint as ckpt
 from rtpo.config import ConfigError, RTPOConfig, apply_dict
 from rtpo.cli import parse_args
-from rtpo.trainer import Trainer
+from rtpo.backends import LocalBackend
+from rtpo.comm import Comm
+from rtpo.evaluation import Evaluation
+from rtpo.run import Run, setup
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -96,24 +99,10 @@ def resolve_checkpoint(target: str, log=print) -> tuple:
     return "model", target, None
 
 
-class Evaluator(Trainer):
-    """A Trainer that only evaluates: it loads CHECKPOINT's weights (merging a PEFT adapter into its
-    base model) and is never trained, so nothing is written to an output folder."""
-
-    def __init__(self, cfg: RTPOConfig, adapter: str | None = None, log=None):
-        self.adapter = adapter
-        super().__init__(cfg, log=log)
-
-    def _starting_model(self):
-        if self.adapter is None:
-            return super()._starting_model()
-        from rtpo import lora
-        from rtpo.models import load_tokenizer
-
-        model = lora.load_merged(self.adapter)  # its base: adapter_config.json's, or its run's base_model/
-        base = lora.resolve_base(self.adapter)[0]
-        has_tok = any(os.path.isfile(os.path.join(self.adapter, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-        return model, load_tokenizer(self.adapter if has_tok or not base else base)
+def load_run(cfg: RTPOConfig, adapter: str | None = None, log=print):
+    """The run of CHECKPOINT on one process, for evaluation only: no optimizer, nothing read from or
+    written to an output folder; `adapter`: a PEFT adapter merged into its base model."""
+    return setup(cfg, LocalBackend(cfg), log, train=False, adapter=adapter)
 
 
 def build_config(target: str, argv: list, log=print) -> tuple:
@@ -125,11 +114,9 @@ def build_config(target: str, argv: list, log=print) -> tuple:
     if kind in ("checkpoint", "adapter"):
         cfg.warmstart.enabled = "false"  # trained weights: never warm-start them again
     cfg.model.lora.r = 0  # an adapter is evaluated merged into its base: no fresh adapter on top
-    # evaluation only: no reference model, no resume, nothing written to the run's folder
+    # evaluation only: no reference model, no resume (rtpo.run.setup with train=False reads no output folder)
     cfg.loss.beta = 0.0
     cfg.run.resume = None
-    cfg.run.overwrite = True
-    cfg.run.output_dir = os.path.join(tempfile.gettempdir(), "rtpo-eval-unused")
     cfg.log.report_to = "none"
     cfg.run.deepspeed = None  # one process; a DeepSpeed run's checkpoint holds ordinary weights too
     if not any(a.split("=")[0] in ("--run.device", "--device") for a in argv):
@@ -137,22 +124,23 @@ def build_config(target: str, argv: list, log=print) -> tuple:
     return cfg.validate(), (path if kind == "adapter" else None)
 
 
-def evaluate_keeps(trainer: Trainer, keeps, num_examples: int | None = None, progress: bool = True,
+def evaluate_keeps(run: Run, keeps, num_examples: int | None = None, progress: bool = True,
                    samples: int = 3, log=print) -> list:
-    """Greedy evaluation of the trainer's first `num_examples` held-out rows at each hint fraction
+    """Greedy evaluation of the run's first `num_examples` held-out rows at each hint fraction
     -> one dict per keep: accuracy, correct, n, format, reasoning_tokens, completion_tokens,
     injected_tokens, reward/<fn>, seconds and the first `samples` rows' records."""
     from tqdm.auto import tqdm
 
-    n = len(trainer.eval_enc) if num_examples is None else min(num_examples, len(trainer.eval_enc))
-    encs, rows = trainer.eval_enc[:n], trainer.eval_rows[:n]
+    n = len(run.eval_enc) if num_examples is None else min(num_examples, len(run.eval_enc))
+    encs, rows = run.eval_enc[:n], run.eval_rows[:n]
+    evaluation = Evaluation(run, Comm())  # one process
     bar = tqdm(total=n * len(keeps), disable=not progress, desc="rtpo.eval", dynamic_ncols=True, file=sys.stderr)
     out = []
     try:
         for keep in keeps:
             bar.set_postfix(keep=f"{keep:g}", refresh=False)
             t0 = time.perf_counter()
-            metrics, records = trainer.evaluate_at(float(keep), encs, rows, progress=bar.update)
+            metrics, records = evaluation.evaluate_at(float(keep), encs, rows, progress=bar.update)
             r = {"keep": float(keep), "n": len(records), "correct": int(sum(x["correct"] for x in records)), **metrics,
                  "seconds": time.perf_counter() - t0, "samples": records[:samples]}
             out.append(r)
@@ -207,7 +195,7 @@ def main(argv=None) -> int:
         if flag is not None:
             extra += [f"--{key}", str(flag)]
     from rtpo.data import DataError
-    from rtpo.trainer import TrainingError
+    from rtpo.stages import TrainingError
 
     try:
         keeps = parse_keeps(args.keep)
@@ -217,10 +205,10 @@ def main(argv=None) -> int:
         if cfg.eval.num_examples <= 0:
             raise ConfigError("eval.num_examples = 0: nothing to evaluate; pass --num-examples N")
         t0 = time.perf_counter()
-        tr = Evaluator(cfg, adapter=adapter, log=log)
-        log(f"[rtpo.eval] {args.checkpoint}: {min(cfg.eval.num_examples, len(tr.eval_rows))} held-out rows of "
+        run = load_run(cfg, adapter=adapter, log=log)
+        log(f"[rtpo.eval] {args.checkpoint}: {min(cfg.eval.num_examples, len(run.eval_rows))} held-out rows of "
             f"{cfg.data.dataset!r}, keep {', '.join(f'{k:g}' for k in keeps)}; setup {time.perf_counter() - t0:.1f} s")
-        results = evaluate_keeps(tr, keeps, cfg.eval.num_examples, progress=not args.no_progress, samples=args.samples,
+        results = evaluate_keeps(run, keeps, cfg.eval.num_examples, progress=not args.no_progress, samples=args.samples,
                                  log=log)
     except (ConfigError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

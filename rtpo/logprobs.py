@@ -273,6 +273,12 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
 
 # ----------------------------------------------------------------------------- micro batches by tokens
 
+def mini_batches(n_rows: int, parts: int) -> list:
+    """The update's mini batches: `parts` consecutive, near-equal slices of a step's `n_rows` rows
+    (numpy's array_split sizes; empty slices dropped)."""
+    return [[int(i) for i in s] for s in np.array_split(np.arange(n_rows), parts) if len(s)]
+
+
 def row_tokens(prompts: list, completions: list, rows: list, share_prefix: bool = True) -> list:
     """What each of `rows` (in order) adds to a packed batch: its completion, plus its prompt unless
     the previous row has the same prompt (a group's rows are consecutive, so they share it)."""

@@ -241,3 +241,46 @@ def load_merged(folder: str):
     model = peft.PeftModel.from_pretrained(load_base(folder), folder).merge_and_unload()
     return model.requires_grad_(True)  # as from_pretrained gives it (peft froze the base)
 
+
+
+# --- a run's adapters (rtpo.run.setup) ------------------------------------------------------------
+def resume_base(cfg, resume_from: str):
+    """(the frozen base a LoRA checkpoint was trained on, (its source, revision)); its adapter is loaded by
+    `attach_for_run`. Refuses a full-weights checkpoint with LoRA on, and an adapter with it off."""
+    r, has = cfg.model.lora.r, is_adapter(resume_from)
+    if not has or not r:
+        raise ConfigError(f"run.resume: {resume_from} holds " + (
+            f"full weights, not a LoRA adapter, but model.lora.r = {r}; resume with --model.lora.r 0, or start a "
+            f"LoRA run from its weights with --model {resume_from}" if not has else
+            "a LoRA adapter but model.lora.r = 0; resume with the run's --model.lora settings"))
+    check_matches(resume_from, cfg.model.lora)
+    source = resolve_base(resume_from)
+    return load_base(resume_from), source
+
+
+def attach_for_run(model, cfg, out: str, resume_from: str | None, resumed_base, changed: bool):
+    """Inject LoRA into `model` (frozen base, zero-initialised B); on resume, load the checkpoint's adapter
+    -> (PEFT model, base tensors pending or None). Fresh run: the adapter config names the model's own
+    folder or hub name if the base is that model unchanged (`changed`: warm-started), else
+    <out>/base_model, written at the first checkpoint from the pending tensors (base tensors that train,
+    i.e. biases with model.lora.bias != none, as they are before any update)."""
+    c = cfg
+    if c.model.lora.bias != "none" and c.loss.beta > 0:
+        raise ConfigError(f"model.lora.bias = {c.model.lora.bias!r} trains the base model's biases, so the base with "
+                          "adapters disabled is no longer the starting policy that loss.beta's KL term needs; use "
+                          "--model.lora.bias none, or --loss.beta 0")
+    run_base = os.path.abspath(os.path.join(out, BASE_DIR))
+    if resume_from:
+        base, rev = resumed_base
+    else:
+        base = base_source(c.model.name, changed=changed)
+        rev = c.model.revision if base is not None and not os.path.isdir(base) else None
+        base = run_base if base is None else base
+    pm = attach(model, c.model.lora, base, rev, seed=c.run.seed)
+    pending = None
+    if resume_from:
+        load_adapter_weights(pm, resume_from)
+    elif base == run_base:
+        trainable = {base_name(n) for n, p in model.named_parameters() if p.requires_grad}
+        pending = {k: v.detach().clone() for k, v in base_state_dict(model).items() if k in trainable}
+    return pm, pending

@@ -240,3 +240,33 @@ def reduce_rows(rows: list) -> dict:
         else:
             out[k] = float(np.mean(vals))
     return out
+
+
+class Samples:
+    """samples.jsonl rows: every completion of the last scored rollout's first `groups` groups (prompt, hint
+    fraction, completion, reward per function, advantage), then the last evaluation's records (once)."""
+
+    def __init__(self, groups: int):
+        self.groups, self.train, self.eval = groups, [], []
+
+    def observe(self, ro, sc) -> None:
+        """The step's rollout and its scores (this process's rows)."""
+        G, out = ro.G, []
+        keeps, injected = ro.row_keep, ro.injected
+        for r in range(min(self.groups * G, len(ro.completions))):
+            out.append({"group": r // G, "example": ro.examples[r // G].index, "prompt": sc.prompt_texts[r],
+                        "keep": float(keeps[r]), "injected_tokens": injected[r], "completion": sc.texts[r],
+                        "answer": ro.examples[r // G].answer, "reward": float(sc.rewards[r]),
+                        "rewards": {k: v[r] for k, v in sc.per_fn.items()}, "advantage": float(sc.advantages[r]),
+                        "finish_reason": ro.finish_reasons[r], "completion_tokens": len(ro.completions[r])})
+        self.train = out
+
+    def observe_eval(self, records: list) -> None:
+        self.eval = records
+
+    def take(self, step: int, train: bool = True) -> list:
+        """The rows to write at `step`; the evaluation's records are written once."""
+        out = [{"step": step, "split": "train", **rec} for rec in self.train] if train else []
+        out += [{"step": step, "split": "eval", **rec} for rec in self.eval]
+        self.eval = []
+        return out

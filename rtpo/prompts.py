@@ -57,6 +57,16 @@ class EncodedExample:
     images: tuple = ()  # the row's images (PIL), whose expanded image tokens are in base / turn_pre
 
 
+@dataclass
+class Prompt:
+    """One example's prompt at one keep: built once per (example, keep), shared by the group's rows."""
+    ids: list           # the prompt's token ids
+    injected: int       # trace tokens spliced in (0: the evaluation prompt)
+    prefix: str         # prefix mode: the response text already in the prompt, which the completion continues
+    hint_context: list  # the hint loss's context: what precedes the injected text
+    hint_target: list   # the injected text the model would have to write itself ([] at keep 0)
+
+
 class PromptBuilder:
     """Builds token-level prompts. The kept trace is spliced in as token ids, so the model sees
     exactly the first k tokens of the tokenized trace; at keep 0 the prompt is the evaluation
@@ -130,34 +140,27 @@ class PromptBuilder:
         bounds = enc.boundaries if self.c.granularity == "line" else None
         return cut_length(len(enc.reasoning), keep, bounds)
 
-    def build(self, enc: EncodedExample, keep: float) -> tuple[list, int]:
-        """(prompt ids, number of injected trace tokens) at this keep ratio."""
+    def prompt(self, enc: EncodedExample, keep: float) -> Prompt:
+        """The example's prompt at this keep ratio, with everything the step reads from it, built once."""
         k = self.kept(enc, keep)
         if k == 0:
-            return list(enc.base), 0
+            return Prompt(list(enc.base), 0, "", list(enc.base), [])
         hint = enc.reasoning[:k]
         if self.c.injection == "prefix":
-            return enc.base + enc.hint_open + hint, k
-        return enc.turn_pre + hint + enc.turn_post, k
+            # the response already in the prompt: the completion continues it, rewards read the two together
+            return Prompt(enc.base + enc.hint_open + hint, k, self.tok.decode(enc.hint_open + hint), list(enc.base),
+                          enc.hint_open + hint)
+        return Prompt(enc.turn_pre + hint + enc.turn_post, k, "", list(enc.turn_pre), hint)
+
+    def build(self, enc: EncodedExample, keep: float) -> tuple[list, int]:
+        """(prompt ids, number of injected trace tokens) at this keep ratio."""
+        p = self.prompt(enc, keep)
+        return p.ids, p.injected
 
     def hint_target(self, enc: EncodedExample, keep: float) -> tuple[list, list]:
-        """(context, target) for the supervised hint loss: the target is the injected text the model
-        would have to write itself (the think opener + kept trace in prefix mode, the kept trace in
-        turn mode) and the context is what precedes it. Empty target at keep 0."""
-        k = self.kept(enc, keep)
-        if k == 0:
-            return list(enc.base), []
-        if self.c.injection == "prefix":
-            return list(enc.base), enc.hint_open + enc.reasoning[:k]
-        return list(enc.turn_pre), enc.reasoning[:k]
-
-    def prefix_text(self, enc: EncodedExample, keep: float) -> str:
-        """The part of the assistant's response already in the prompt (prefix mode): the model's
-        completion continues it; format and reasoning-length metrics read the two together."""
-        k = self.kept(enc, keep)
-        if k == 0 or self.c.injection != "prefix":
-            return ""
-        return self.tok.decode(enc.hint_open + enc.reasoning[:k])
+        """(context, target) of the supervised hint loss at this keep ratio (see `Prompt`)."""
+        p = self.prompt(enc, keep)
+        return p.hint_context, p.hint_target
 
 
 class PromptTooLong(ValueError):

@@ -1,8 +1,10 @@
 """What one training step's stages hand each other: typed, one row per completion.
 
-    Trainer.rollout -> Rollout -> Trainer.score -> Scores -> Trainer.update
+    Sampler.rollout -> Rollout -> Scorer.score -> Scores -> Updater.update
 
-A step's rows come in groups: row r is completion r % G of prompt r // G (`expand`).
+A step's rows come in groups: row r is completion r % G of prompt r // G (`expand`). A group's
+prompts are `rtpo.prompts.Prompt` objects, built once per (example, keep); `Rollout.take(rows)` is the
+one view of some rows that the update's batches read.
 """
 
 from __future__ import annotations
@@ -13,32 +15,88 @@ from typing import Optional
 import torch
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite updates); a checkpoint of the last good state was saved."""
+
+
 def expand(per_group: list, G: int) -> list:
     """One entry per row from one per group (prompt): [a, b] -> [a]*G + [b]*G."""
     return [x for x in per_group for _ in range(G)]
 
 
 @dataclass
+class Rows:
+    """Some rows of a Rollout, as a batch reads them (`Rollout.take`)."""
+    rows: list                       # the rows' indices in the rollout
+    prompts: list                    # per row: prompt token ids
+    completions: list                # per row: completion token ids
+    images: Optional[list]           # per row: its rtpo.vision.ImageInputs (None: a run without images)
+    rollout_logprobs: list           # per row: the sampler's log-probs (or None)
+    hint_contexts: list              # per group that starts in `rows` and carries a hint: the hint loss's context
+    hint_targets: list               # ... its target (the injected text)
+    hint_images: list                # ... its images ([] for a run without images)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
 class Rollout:
-    """G completions of each of the step's prompts (this process's share of them)."""
+    """G completions of each of the step's prompts (this process's share of them). Row r of group g
+    carries the hinted prompt when r % G >= G - hinted_rows (hint dropout gives the others the plain one)."""
+    step: int
     keep: float                      # the schedule's hint fraction at this step
+    G: int
     idx: list                        # train-row index of each group
     keeps: list                      # each group's hint fraction (its own with curriculum.per_example)
-    hint_targets: list               # each group's (context, target) ids for the hint loss
+    examples: list                   # each group's Example
+    hinted: list                     # each group's Prompt at its keep
+    plain: list                      # each group's Prompt at keep 0 (the evaluation prompt)
     hinted_rows: int                 # rows per group that carry the hint (the last ones of the group)
-    prompts: list = field(default_factory=list)           # per row: prompt token ids
     completions: list = field(default_factory=list)       # per row: completion token ids
     finish_reasons: list = field(default_factory=list)
-    injected: list = field(default_factory=list)          # per row: hint tokens in the prompt
-    prefixes: list = field(default_factory=list)          # per row: the hint text the completion continues
-    row_keep: list = field(default_factory=list)          # per row: its hint fraction (0 without hint)
     rollout_logprobs: list = field(default_factory=list)  # per row: the sampler's log-probs (or None)
-    answers: list = field(default_factory=list)
-    questions: list = field(default_factory=list)
     images: Optional[list] = None  # per row: its rtpo.vision.ImageInputs (None: a run without images)
 
     def __len__(self) -> int:
         return len(self.completions)
+
+    def is_hinted(self, r: int) -> bool:
+        return r % self.G >= self.G - self.hinted_rows
+
+    @property
+    def row_prompts(self) -> list:
+        """Per row: its Prompt (the G rows of a group share the group's objects)."""
+        return [(self.hinted if self.is_hinted(r) else self.plain)[r // self.G] for r in range(len(self))]
+
+    @property
+    def prompts(self) -> list:
+        """Per row: prompt token ids."""
+        return [p.ids for p in self.row_prompts]
+
+    @property
+    def injected(self) -> list:
+        """Per row: hint tokens in its prompt."""
+        return [p.injected for p in self.row_prompts]
+
+    @property
+    def row_keep(self) -> list:
+        """Per row: its hint fraction (0 without hint)."""
+        return [self.keeps[r // self.G] if self.is_hinted(r) else 0.0 for r in range(len(self))]
+
+    @property
+    def answers(self) -> list:
+        return [ex.answer for ex in expand(self.examples, self.G)]
+
+    def take(self, rows: list) -> Rows:
+        """The rows `rows`, with the hint-loss rows of the groups that start among them and carry a hint."""
+        ps = self.row_prompts
+        starts = [i for i in rows if i % self.G == 0 and self.hinted[i // self.G].hint_target]
+        pick = (lambda ix: None) if self.images is None else (lambda ix: [self.images[i] for i in ix])
+        return Rows(rows=list(rows), prompts=[ps[i].ids for i in rows], completions=[self.completions[i] for i in rows],
+                    images=pick(rows), rollout_logprobs=[self.rollout_logprobs[i] for i in rows],
+                    hint_contexts=[self.hinted[i // self.G].hint_context for i in starts],
+                    hint_targets=[self.hinted[i // self.G].hint_target for i in starts], hint_images=pick(starts) or [])
 
 
 @dataclass
@@ -51,3 +109,4 @@ class Scores:
     group_idx: list                  # train-row index of every group (all processes')
     group_keeps: list                # hint fraction of every group (all processes')
     advantages: Optional[torch.Tensor] = None  # [rows] this process's rows
+    prompt_texts: list = field(default_factory=list)  # per row: the decoded prompt (rewards and samples.jsonl)

@@ -177,6 +177,14 @@ def vision_trunk(model):
                      "Qwen2-VL style model")
 
 
+def freeze_encoder(model, freeze: bool):
+    """model.freeze_vision_encoder: no gradient for a VLM's vision encoder (warm-start and RL) -> model."""
+    if freeze:
+        for p in vision_encoder_parameters(model):
+            p.requires_grad_(False)
+    return model
+
+
 def vision_encoder_parameters(model) -> list:
     """The vision encoder's parameters (patch embedding and blocks: the vision tower without its merger,
     which maps its features into the language model); [] for a text-only model."""

@@ -115,3 +115,23 @@ def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, l
     write_atomically(path, model.save_pretrained)
     log(f"[warmstart] cached at {path}")
     return model
+
+
+# --- a run's warm-start (rtpo.run.setup) ----------------------------------------------------------
+def enabled(cfg) -> bool:
+    """warmstart.enabled: true, false, or auto (on for the embedded models, which start untrained)."""
+    w = cfg.warmstart.enabled
+    return w == "true" or (w == "auto" and cfg.model.name in ("embedded", "embedded-vl"))
+
+
+def for_run(model, tokenizer, builder, cfg, held, device, log=print):
+    """`model` after the supervised warm-start (from the cache when it exists), if enabled; its examples
+    are disjoint from the run's rows `held` (train and eval)."""
+    if not enabled(cfg):
+        return model
+    from rtpo.data import warmstart_rows
+
+    c = cfg
+    rows = warmstart_rows(c.data, {e.identity for e in held}, c.warmstart.num_examples, c.warmstart.max_operands)
+    return warmstart(model, tokenizer, builder, rows, c.warmstart, c.data, c.curriculum, device, seed=c.warmstart.seed,
+                     log=log)

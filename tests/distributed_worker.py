@@ -44,7 +44,7 @@ def decode_collectives(trainer, step, gathered: bool) -> int:
     """Collectives issued inside Trainer._generate during one rollout."""
     import contextlib
 
-    inner = trainer._generate
+    inner = trainer.sampler.generate
 
     def counted(*args, **kwargs):
         counting["on"], counting["n"] = True, 0
@@ -53,13 +53,13 @@ def decode_collectives(trainer, step, gathered: bool) -> int:
         finally:
             counting["on"] = False
 
-    trainer._generate = counted
+    trainer.sampler.generate = counted
     if not gathered:  # the backend's generation phase (ZeRO-3: parameters gathered once) left out
         trainer.backend.generation = contextlib.nullcontext
     try:
-        trainer.rollout(step)
+        trainer.sampler.rollout(step)
     finally:
-        del trainer._generate
+        del trainer.sampler.generate
         trainer.backend.__dict__.pop("generation", None)
     return counting["n"]
 

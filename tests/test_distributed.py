@@ -16,7 +16,8 @@ from rtpo.config import ConfigError
 from rtpo.cli import parse_args
 from rtpo.backends.zero import DeepSpeedBackend
 from rtpo.cli import strip_launcher_args
-from rtpo.distributed import ensure_launch_env, micro_batches_per_update, reference_ds_config, resolve_ds_config
+from rtpo.distributed import (ds_amp_dtype, ensure_launch_env, micro_batches_per_update, reference_ds_config,
+                              resolve_ds_config)
 from rtpo.trainer import make_trainer
 from rtpo.metrics import reduce_rows
 from rtpo.metrics import read_metrics
@@ -104,15 +105,16 @@ def test_explicit_values_that_agree_are_accepted():
 
 
 def test_precision_follows_run_dtype_and_conflicts_are_errors():
-    """bf16/fp16 come from run.dtype; with run.dtype auto an explicit DeepSpeed bf16 wins (and sets
-    run.dtype); bf16 on with run.dtype float32 is an error naming both."""
+    """bf16/fp16 come from run.dtype; with run.dtype auto an explicit DeepSpeed bf16 wins (and is the
+    run's autocast dtype); bf16 on with run.dtype float32 is an error naming both."""
     cfg = cfg_of("--run.dtype", "bfloat16")
     out = resolve_ds_config(load("zero2"), cfg, world=1)
     assert out["bf16"]["enabled"] is True and out["fp16"]["enabled"] is False
     ds = load("zero2")
     ds["bf16"]["enabled"] = True
     cfg = cfg_of("--run.device", "cpu")
-    assert resolve_ds_config(ds, cfg, world=1)["bf16"]["enabled"] is True and cfg.run.dtype == "bfloat16"
+    out = resolve_ds_config(ds, cfg, world=1)
+    assert out["bf16"]["enabled"] is True and ds_amp_dtype(out, cfg, "cpu") is torch.bfloat16
     with pytest.raises(ConfigError, match=r"bf16.enabled = true but run.dtype = 'float32'"):
         resolve_ds_config(ds, cfg_of("--run.dtype", "float32"), world=1)
 

@@ -60,7 +60,7 @@ def pair(tmp_path_factory):
 
 
 def eval_prompts(t, n=4):
-    return [t.builder.build(e, 0.0)[0] for e in t.eval_enc[:n]]
+    return [t.run.builder.build(e, 0.0)[0] for e in t.run.eval_enc[:n]]
 
 
 def test_zero_initialised_adapter_changes_nothing_and_rollouts_see_the_same_model(pair):
@@ -68,18 +68,18 @@ def test_zero_initialised_adapter_changes_nothing_and_rollouts_see_the_same_mode
     so greedy decoding gives the same tokens; the rollout engine finds the same forward arguments
     (cache name, logits_to_keep) on the adapted model, which keeps its transformers class."""
     t, full, _ = pair
-    assert type(t.model) is type(full.model) and t.peft.base_model.model is t.model
-    assert _forward_kwargs(t.model) == _forward_kwargs(full.model)
-    assert "logits_to_keep" in _forward_kwargs(t.model)
-    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in t.model.named_parameters() if "lora_B" in n)
+    assert type(t.run.model) is type(full.run.model) and t.run.peft.base_model.model is t.run.model
+    assert _forward_kwargs(t.run.model) == _forward_kwargs(full.run.model)
+    assert "logits_to_keep" in _forward_kwargs(t.run.model)
+    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in t.run.model.named_parameters() if "lora_B" in n)
     prompts = eval_prompts(t)
-    batch = collate(prompts, [[5, 6, 7]] * len(prompts), t.tok.pad_token_id)
+    batch = collate(prompts, [[5, 6, 7]] * len(prompts), t.run.tok.pad_token_id)
     fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():
-        assert torch.equal(t.model(**fwd).logits, full.model(**fwd).logits)
-    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=t.eos_ids, pad_token_id=t.tok.pad_token_id)
-    ours = generate(t.model, prompts, sampling, tokenizer=t.tok).completions
-    assert ours == generate(full.model, prompts, sampling, tokenizer=full.tok).completions
+        assert torch.equal(t.run.model(**fwd).logits, full.run.model(**fwd).logits)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=t.run.eos_ids, pad_token_id=t.run.tok.pad_token_id)
+    ours = generate(t.run.model, prompts, sampling, tokenizer=t.run.tok).completions
+    assert ours == generate(full.run.model, prompts, sampling, tokenizer=full.run.tok).completions
     assert any(len(c) > 1 for c in ours)
 
 
@@ -88,30 +88,30 @@ def test_only_adapter_parameters_train_and_sit_in_the_optimizer(pair):
     weight bit-identical; the reference log-probs (adapters disabled) equal the base model's bit for
     bit while the policy's now differ; the trainable/total count is logged."""
     t, full, _ = pair
-    lora_params = {id(p) for n, p in t.model.named_parameters() if "lora_" in n}
+    lora_params = {id(p) for n, p in t.run.model.named_parameters() if "lora_" in n}
     in_opt = {id(p) for g in t.backend.optimizer.param_groups for p in g["params"]}
-    assert in_opt == lora_params == {id(p) for p in t.model.parameters() if p.requires_grad} and lora_params
-    trainable, total = lora.param_counts(t.model)
-    assert trainable == sum(p.numel() for n, p in t.model.named_parameters() if "lora_" in n) < total / 5
-    base0, ad0 = split_params(t.model)
+    assert in_opt == lora_params == {id(p) for p in t.run.model.parameters() if p.requires_grad} and lora_params
+    trainable, total = lora.param_counts(t.run.model)
+    assert trainable == sum(p.numel() for n, p in t.run.model.named_parameters() if "lora_" in n) < total / 5
+    base0, ad0 = split_params(t.run.model)
     row = t.train_step(0)
     assert row["skipped_updates"] == 0 and row["grad_norm"] > 0
-    base1, ad1 = split_params(t.model)
+    base1, ad1 = split_params(t.run.model)
     assert base0.keys() == base1.keys() and all(torch.equal(base0[k], base1[k]) for k in base0)
     # every B moved; A has no gradient while B = 0 (d loss / d A goes through B), so it moves from step 2 on
     assert {k for k in ad0 if not torch.equal(ad0[k], ad1[k])} == {k for k in ad0 if "lora_B" in k}
-    ro = t.rollout(1)
-    batch = collate(ro.prompts[:4], ro.completions[:4], t.tok.pad_token_id)
+    ro = t.sampler.rollout(1)
+    batch = collate(ro.prompts[:4], ro.completions[:4], t.run.tok.pad_token_id)
     with torch.no_grad():
         ref, _ = t.backend.logprobs(batch, ref=True, with_entropy=False)
-        base, _ = completion_logprobs(full.model, batch, with_entropy=False)
+        base, _ = completion_logprobs(full.run.model, batch, with_entropy=False)
         pol, _ = t.backend.logprobs(batch, with_entropy=False)
     assert torch.equal(ref, base) and not torch.equal(pol, base)
-    assert all(p.requires_grad for n, p in t.model.named_parameters() if "lora_" in n)  # re-enabled after the ref pass
-    assert t.ref.peft_model is t.peft  # no second copy of the weights
+    assert all(p.requires_grad for n, p in t.run.model.named_parameters() if "lora_" in n)  # re-enabled after the ref pass
+    assert t.run.ref.peft_model is t.run.peft  # no second copy of the weights
     row = t.train_step(1)
     assert row["kl"] > 0
-    assert all(not torch.equal(ad1[k], v) for k, v in split_params(t.model)[1].items())
+    assert all(not torch.equal(ad1[k], v) for k, v in split_params(t.run.model)[1].items())
 
 
 def test_checkpoint_is_a_peft_adapter_with_a_loadable_base(pair):
@@ -131,12 +131,12 @@ def test_checkpoint_is_a_peft_adapter_with_a_loadable_base(pair):
     assert cfg["base_model_name_or_path"] == str(d / "lora" / "base_model") and cfg["r"] == 4
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
     for n, p in base.named_parameters():  # the base written is the model the run started from
-        assert torch.equal(p, dict(full.model.named_parameters())[n]), n
+        assert torch.equal(p, dict(full.run.model.named_parameters())[n]), n
     loaded = PeftModel.from_pretrained(base, path).eval()
     ids = torch.tensor([eval_prompts(t, 1)[0]])
-    t.model.eval()
+    t.run.model.eval()
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, t.model(input_ids=ids).logits)
+        assert torch.equal(loaded(input_ids=ids).logits, t.run.model(input_ids=ids).logits)
 
 
 @pytest.mark.slow
@@ -196,12 +196,12 @@ def test_lora_bias_and_modules_to_save_train_and_the_base_written_is_the_start(t
 
     t = trainer(tmp_path, "--lora.r", "4", "--lora.bias", "all", "--lora.target_modules", "q_proj,v_proj",
                 "--lora.modules_to_save", "lm_head", "--lr", "5e-2", "--eval.num_examples", "0")
-    names = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    names = {n for n, p in t.run.model.named_parameters() if p.requires_grad}
     assert any(n.endswith("q_proj.base_layer.bias") for n in names) and any("modules_to_save" in n for n in names)
-    start = {lora.base_name(n): p.detach().clone() for n, p in t.model.named_parameters()
+    start = {lora.base_name(n): p.detach().clone() for n, p in t.run.model.named_parameters()
              if "lora_" not in n and "modules_to_save" not in n}
     t.train_step(0)
-    assert any(not torch.equal(p, start[lora.base_name(n)]) for n, p in t.model.named_parameters() if n.endswith(".bias")
+    assert any(not torch.equal(p, start[lora.base_name(n)]) for n, p in t.run.model.named_parameters() if n.endswith(".bias")
                and lora.base_name(n) in start)
     t.step = 1
     path = t.save()
@@ -210,20 +210,20 @@ def test_lora_bias_and_modules_to_save_train_and_the_base_written_is_the_start(t
         assert torch.equal(p, start[n]), n
     loaded = PeftModel.from_pretrained(base, path).eval()
     ids = torch.tensor([eval_prompts(t, 1)[0]])
-    t.model.eval()
+    t.run.model.eval()
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, t.model(input_ids=ids).logits)
+        assert torch.equal(loaded(input_ids=ids).logits, t.run.model(input_ids=ids).logits)
 
 
 def test_gradient_checkpointing_still_trains_the_adapters(tmp_path):
     """With model.gradient_checkpointing the frozen embeddings would cut the gradient to the adapters
     of checkpointed blocks: every adapter still moves in two steps."""
     t = trainer(tmp_path, *LORA, "--model.gradient_checkpointing", "true", "--lr", "5e-2", "--eval.num_examples", "0")
-    assert t.model.is_gradient_checkpointing
-    _, ad0 = split_params(t.model)
+    assert t.run.model.is_gradient_checkpointing
+    _, ad0 = split_params(t.run.model)
     t.train_step(0)
     t.train_step(1)
-    _, ad1 = split_params(t.model)
+    _, ad1 = split_params(t.run.model)
     assert all(not torch.equal(ad0[k], ad1[k]) for k in ad0)
 
 

@@ -496,12 +496,12 @@ def test_long_reasoning_is_cut_to_the_prompt_budget_and_counted(tmp_path, cache)
     logs = []
     t = Trainer(parse_args(tiny_args(tmp_path / "run", cache, "--dataset", data, *DATA, "--data.max_prompt_tokens", "96",
                                      "--max_steps", "1", "--eval.num_examples", "2")), log=logs.append)
-    full = [len(t.tok(r.reasoning, add_special_tokens=False)["input_ids"]) for r in t.train_rows]
+    full = [len(t.run.tok(r.reasoning, add_special_tokens=False)["input_ids"]) for r in t.run.train_rows]
     assert len(full) == 8 and min(full) > 96, "every trace alone is longer than the budget"
     for injection in ("prefix", "turn"):
-        t.builder.c.injection = injection
-        assert max(len(t.builder.build(e, 1.0)[0]) for e in t.train_enc) <= 96
-    t.builder.c.injection = "prefix"
+        t.run.builder.c.injection = injection
+        assert max(len(t.run.builder.build(e, 1.0)[0]) for e in t.run.train_enc) <= 96
+    t.run.builder.c.injection = "prefix"
     assert "[rtpo] warning: 8 train reasoning traces cut to fit data.max_prompt_tokens = 96" in logs
     summary = t.train()
     assert summary["truncated_traces"] == {"train": 8, "eval": 4}

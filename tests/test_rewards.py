@@ -194,17 +194,17 @@ def test_user_reward_receives_prompts_ids_and_every_dataset_column(tmp_path, mon
                                "--data.num_eval", "4", "--warmstart.enabled", "false", "--G", "2",
                                "--rewards.custom", '{"colrewards:by_difficulty": 1.0}'))
     t = Trainer(cfg, log=lambda m: None)
-    ro = t.rollout(0)
-    sc = t.score(ro)
+    ro = t.sampler.rollout(0)
+    sc = t.scorer.score(ro)
     import colrewards
 
     by_q = {r["question"]: r for r in rows}
-    groups = [t.train_rows[i] for i in ro.idx for _ in range(2)]
+    groups = [t.run.train_rows[i] for i in ro.idx for _ in range(2)]
     assert sc.per_fn["colrewards:by_difficulty"] == [float(by_q[e.question]["difficulty"]) for e in groups]
     assert colrewards.SEEN["source"] == [by_q[e.question]["source"] for e in groups]
     assert colrewards.SEEN["question"] == [e.question for e in groups]
     assert colrewards.SEEN["ids"] == ro.completions
-    assert colrewards.SEEN["prompts"] == [t.tok.decode(p, skip_special_tokens=False) for p in ro.prompts]
+    assert colrewards.SEEN["prompts"] == [t.run.tok.decode(p, skip_special_tokens=False) for p in ro.prompts]
     assert all(e.question in p for e, p in zip(groups, colrewards.SEEN["prompts"]))
     assert colrewards.SEEN["keeps"] == ro.row_keep
 
@@ -248,5 +248,5 @@ def test_dataset_column_named_like_a_reward_argument_is_warned_about_and_not_pas
                                "--data.num_eval", "4", "--warmstart.enabled", "false",
                                "--rewards.custom", '{"clash:f": 1.0}'))
     t = Trainer(cfg, log=logs.append)
-    assert sum("dataset column(s) 'prompts'" in m for m in logs) == 1 and "prompts" not in t.column_names
-    assert set(t.score(t.rollout(0)).per_fn["clash:f"]) == {1.0}
+    assert sum("dataset column(s) 'prompts'" in m for m in logs) == 1 and "prompts" not in t.run.column_names
+    assert set(t.scorer.score(t.sampler.rollout(0)).per_fn["clash:f"]) == {1.0}

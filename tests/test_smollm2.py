@@ -225,23 +225,23 @@ def test_one_rl_step_on_the_real_model(smollm2_dir, tmp_path):
                       "--eval.num_examples", "0", "--log.progress", "false", "--run.output_dir", str(tmp_path),
                       "--rewards.length_penalty", "0.5", "--run.device", "cpu", "--run.num_threads", "1"])
     tr = Trainer(cfg, log=lambda m: None)
-    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
-    ro = tr.rollout(0)
-    prompt = tr.tok.decode(ro.prompts[0])
+    before = {k: v.detach().clone() for k, v in tr.run.model.named_parameters()}
+    ro = tr.sampler.rollout(0)
+    prompt = tr.run.tok.decode(ro.prompts[0])
     assert ro.keep == 1.0 and prompt.startswith("<|im_start|>system") and "<|im_start|>assistant\n<think>\n" in prompt
     assert prompt.endswith(f"The answer is {ro.answers[0]}.")  # the whole trace is injected at step 0
-    sc = tr.score(ro)
+    sc = tr.scorer.score(ro)
     # the length penalty makes rewards differ within a group, so the update has a gradient
     assert sc.advantages.abs().sum() > 0
-    stats = tr.update(ro, sc)
+    stats = tr.updater.update(ro, sc)
     assert torch.isfinite(torch.tensor(stats["loss"])) and stats["grad_norm"] > 0 and stats["skipped_updates"] == 0
-    changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    changed = [k for k, v in tr.run.model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert len(changed) > 0.9 * len(before)
     tr.step = 1
     path = tr.save()
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, tr.model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, tr.run.model.model.layers[0].mlp.up_proj.weight)
 
 
 @pytest.mark.slow
@@ -320,25 +320,25 @@ def test_lora_on_the_real_model(smollm2_dir, smollm2, tmp_path):
     logs = []
     tr = Trainer(cfg, log=logs.append)
     assert any("LoRA r=8, alpha=16 on q_proj,k_proj,v_proj,o_proj: " in m and "921,600 trainable" in m for m in logs), logs
-    prompts = [tr.builder.build(e, 0.0)[0] for e in tr.eval_enc[:2]]
-    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=tr.eos_ids, pad_token_id=tr.tok.pad_token_id)
-    assert generate(tr.model, prompts, sampling, tokenizer=tr.tok).completions == \
-        generate(base_model, prompts, sampling, tokenizer=tr.tok).completions
-    trainable = {id(p) for p in tr.model.parameters() if p.requires_grad}
+    prompts = [tr.run.builder.build(e, 0.0)[0] for e in tr.run.eval_enc[:2]]
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=tr.run.eos_ids, pad_token_id=tr.run.tok.pad_token_id)
+    assert generate(tr.run.model, prompts, sampling, tokenizer=tr.run.tok).completions == \
+        generate(base_model, prompts, sampling, tokenizer=tr.run.tok).completions
+    trainable = {id(p) for p in tr.run.model.parameters() if p.requires_grad}
     assert trainable == {id(p) for g in tr.backend.optimizer.param_groups for p in g["params"]}
-    assert trainable == {id(p) for n, p in tr.model.named_parameters() if "lora_" in n}
-    ro = tr.rollout(0)
-    sc = tr.score(ro)
+    assert trainable == {id(p) for n, p in tr.run.model.named_parameters() if "lora_" in n}
+    ro = tr.sampler.rollout(0)
+    sc = tr.scorer.score(ro)
     assert sc.advantages.abs().sum() > 0
-    stats = tr.update(ro, sc)
+    stats = tr.updater.update(ro, sc)
     assert stats["skipped_updates"] == 0 and stats["grad_norm"] > 0
     ref_params = dict(base_model.named_parameters())
-    for n, p in tr.model.named_parameters():
+    for n, p in tr.run.model.named_parameters():
         if "lora_" in n:
             assert "lora_A" in n or p.abs().sum() > 0, n  # every B moved off zero
         else:
             assert torch.equal(p, ref_params[lora.base_name(n)]), n
-    batch = collate(ro.prompts[:4], ro.completions[:4], tr.tok.pad_token_id)
+    batch = collate(ro.prompts[:4], ro.completions[:4], tr.run.tok.pad_token_id)
     with torch.no_grad():
         ref, _ = tr.backend.logprobs(batch, ref=True, with_entropy=False)
         base, _ = completion_logprobs(base_model, batch, with_entropy=False)
@@ -351,7 +351,7 @@ def test_lora_on_the_real_model(smollm2_dir, smollm2, tmp_path):
     assert os.path.getsize(os.path.join(path, lora.ADAPTER_WEIGHTS)) < 5e6  # the adapter, not the model
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ac["base_model_name_or_path"],
                                                                             dtype=torch.float32), path).eval()
-    tr.model.eval()
+    tr.run.model.eval()
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, tr.model(input_ids=ids).logits)
+        assert torch.equal(loaded(input_ids=ids).logits, tr.run.model(input_ids=ids).logits)

@@ -121,10 +121,10 @@ def test_hint_dropout_rows_get_the_evaluation_prompt(tmp_path):
     prompt (no hint) and the rest with the hinted one; the groups' metrics split all-wrong/all-right."""
     cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--G", "4", "--curriculum.hint_dropout", "0.5"))
     t = Trainer(cfg, log=lambda m: None)
-    ro = t.rollout(0)
+    ro = t.sampler.rollout(0)
     for g, i in enumerate(ro.idx):
-        eval_prompt, _ = t.builder.build(t.train_enc[i], 0.0)
-        hinted, k = t.builder.build(t.train_enc[i], ro.keeps[g])
+        eval_prompt, _ = t.run.builder.build(t.run.train_enc[i], 0.0)
+        hinted, k = t.run.builder.build(t.run.train_enc[i], ro.keeps[g])
         assert k > 0 and ro.prompts[4 * g:4 * g + 4] == [eval_prompt] * 2 + [hinted] * 2
         assert ro.injected[4 * g:4 * g + 4] == [0, 0, k, k]
     row = t.train_step(0)
@@ -154,7 +154,7 @@ def test_hint_loss_changes_the_update_only_through_hint_tokens(tmp_path):
                                    "--eval.num_examples", "0"))
         t = Trainer(cfg, log=lambda m: None)
         row = t.train_step(0)
-        outs.append((row, [p.detach().clone() for p in t.model.parameters()]))
+        outs.append((row, [p.detach().clone() for p in t.run.model.parameters()]))
     (r0, w0), (r1, w1) = outs
     assert r0["reward"] == r1["reward"] and r0["clip_frac"] == r1["clip_frac"]
     assert r0["hint_nll"] is None and r1["hint_nll"] > 0
@@ -178,22 +178,22 @@ def test_gspo_and_tis_train_and_the_samplers_logprobs_line_up_with_the_trainers(
 
 
 def update_grads(t, ro, sc):
-    """The gradient of each optimizer update of `t.update(ro, sc)` and its metrics; the model and optimizer
+    """The gradient of each optimizer update of `t.updater.update(ro, sc)` and its metrics; the model and optimizer
     come back to where they started."""
     import copy
 
-    model0, opt0 = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.backend.optimizer.state_dict())
+    model0, opt0 = copy.deepcopy(t.run.model.state_dict()), copy.deepcopy(t.backend.optimizer.state_dict())
     grads, step = [], t.backend.step
 
     def capture(loss_finite):
-        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.clone() for n, p in t.run.model.named_parameters() if p.grad is not None})
         return step(loss_finite)
     t.backend.step = capture
     try:
-        metrics = t.update(ro, sc)
+        metrics = t.updater.update(ro, sc)
     finally:
         t.backend.step = step
-        t.model.load_state_dict(model0)
+        t.run.model.load_state_dict(model0)
         t.backend.optimizer.load_state_dict(opt0)
     return grads, metrics
 
@@ -207,8 +207,8 @@ def test_packed_update_equals_the_padded_update(tmp_path):
                                "constant", "--curriculum.value", "0.6", "--rollout.prompts_per_step", "3",
                                "--rollout.max_new_tokens", "10"))
     t = Trainer(cfg, log=lambda m: None)
-    ro = t.rollout(0)
-    sc = t.score(ro)
+    ro = t.sampler.rollout(0)
+    sc = t.scorer.score(ro)
     # the tiny warm-start never stops early: cut completions to different lengths (padding to drop)
     ro.completions = [c[:1 + (3 * i) % len(c)] for i, c in enumerate(ro.completions)]
     assert ro.hinted_rows == 2 and len({len(c) for c in ro.completions}) > 3
@@ -235,15 +235,15 @@ def test_token_budget_micro_batches_leave_the_update_unchanged(tmp_path):
                                "constant", "--curriculum.value", "0.6", "--rollout.prompts_per_step", "3",
                                "--rollout.max_new_tokens", "10", "--loss.loss_type", "grpo"))
     t = Trainer(cfg, log=lambda m: None)
-    ro = t.rollout(0)
-    sc = t.score(ro)
+    ro = t.sampler.rollout(0)
+    sc = t.scorer.score(ro)
     ro.completions = [c[:1 + (3 * i) % len(c)] for i, c in enumerate(ro.completions)]
     ref_grads, ref_m = update_grads(t, ro, sc)
     rows, counts = list(range(len(ro))), set()
-    assert len(t._micro_batches(ro, rows)) == 3  # 9 rows, 4 per micro batch
+    assert len(t.updater.micro_batches(ro, rows)) == 3  # 9 rows, 4 per micro batch
     for budget in (30, 80):
         t.cfg.optim.micro_batch_tokens = budget
-        micro = t._micro_batches(ro, rows)
+        micro = t.updater.micro_batches(ro, rows)
         costs = dict(zip(rows, row_tokens(ro.prompts, ro.completions, rows)))
         assert sum(micro, []) == rows and all(len(mb) == 1 or sum(costs[i] for i in mb) <= budget for mb in micro)
         counts.add(len(micro))
@@ -252,4 +252,4 @@ def test_token_budget_micro_batches_leave_the_update_unchanged(tmp_path):
         assert all(abs(m[k] - ref_m[k]) <= 1e-5 for k in ("loss", "hint_nll", "entropy", "clip_frac"))
     assert counts - {3}  # other cuts than the row count's
     t.backend.gas = 2  # as DDP / DeepSpeed: the count is fixed
-    assert len(t._micro_batches(ro, rows)) == 2
+    assert len(t.updater.micro_batches(ro, rows)) == 2

@@ -297,9 +297,9 @@ def test_lora_on_the_tiny_vlm_trains_only_adapters(tmp_path):
     tr = Trainer(parse_args([str(a) for a in vl_args(tmp_path / "run", tmp_path / "cache", "--model.lora.r", "4",
                                                        "--max_steps", "1", "--eval.num_examples", "0")]),
                  log=lambda m: None)
-    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    before = {k: v.detach().clone() for k, v in tr.run.model.named_parameters()}
     tr.train()
-    changed = [k for k, v in tr.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    changed = [k for k, v in tr.run.model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert changed and all("lora_" in k for k in changed)
 
 

@@ -18,9 +18,10 @@ from rtpo.distributed import (LogprobModule, check_boundary, init_process_group,
 
 class DDPBackend(LocalBackend):
     def __init__(self, cfg):
-        super().__init__(cfg)
+        device = place(cfg, use_deepspeed=False)
+        super().__init__(cfg, device)
         self.gas, self.local_rank = micro_batches_per_update(cfg, world_size()), local_rank()
-        init_process_group(False, place(cfg, use_deepspeed=False))
+        init_process_group(False, self.device.type)
         self.comm = TorchComm()
         self.micro_count = 0
 

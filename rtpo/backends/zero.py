@@ -20,7 +20,7 @@ from rtpo.backends.local import Backend
 from rtpo.checkpoint import DS_DIR
 from rtpo.comm import TorchComm
 from rtpo.config import ConfigError
-from rtpo.distributed import (DS_TAG, LogprobModule, check_boundary,
+from rtpo.distributed import (DS_TAG, LogprobModule, check_boundary, ds_amp_dtype,
                               ensure_launch_env, gathered_for_generation, hidden_size, init_process_group,
                               load_ds_config, local_main_first, local_rank,
                               micro_batches_per_update, place, reference_ds_config, resolve_ds_config,
@@ -31,12 +31,11 @@ from rtpo.lora import AdaptersOff
 
 class DeepSpeedBackend(Backend):
     def __init__(self, cfg):
-        super().__init__(cfg)
         self.ds_raw = load_ds_config(cfg.run.deepspeed)
         ensure_launch_env()
         self.world = world_size()
         self.gas, self.local_rank = micro_batches_per_update(cfg, self.world), local_rank()
-        device_type = place(cfg, use_deepspeed=True)  # before importing DeepSpeed: it picks its accelerator then
+        super().__init__(cfg, place(cfg, use_deepspeed=True))  # before importing DeepSpeed: it picks its accelerator then
         try:  # fail on a bad config before loading anything
             import deepspeed  # noqa: F401
         except ImportError as e:
@@ -45,8 +44,9 @@ class DeepSpeedBackend(Backend):
                               "with DDP)") from None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.stage = zero_stage(self.ds_raw)
-        resolve_ds_config(self.ds_raw, cfg, self.world, source=cfg.run.deepspeed)
-        init_process_group(True, device_type)
+        resolved = resolve_ds_config(self.ds_raw, cfg, self.world, source=cfg.run.deepspeed, device=str(self.device))
+        self.amp_dtype = ds_amp_dtype(resolved, cfg, str(self.device))  # an explicit DeepSpeed bf16 / fp16 wins
+        init_process_group(True, self.device.type)
         self.comm = TorchComm()
         self.ref_engine = None
         self.micro_count = 0
@@ -62,7 +62,7 @@ class DeepSpeedBackend(Backend):
 
         self.model, self.ref = model, ref
         self.ds_config = resolve_ds_config(self.ds_raw, self.cfg, self.world, hidden_size=hidden_size(model),
-                                           source=self.cfg.run.deepspeed)
+                                           source=self.cfg.run.deepspeed, device=str(self.device))
         module = self._logprob_module(model)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],

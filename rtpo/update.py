@@ -1,0 +1,186 @@
+"""The update stage: frozen log-probs (old policy, reference), micro-batch losses, the backend's
+backward / step, and the step's update metrics.
+
+loss.num_iterations passes over the step's rows, each in optim.mini_batches optimizer updates (the
+backend's `plan`) accumulated over micro batches (the backend's `micro_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rtpo.logprobs import make_batch, row_tokens
+from rtpo.losses import hint_nll, policy_loss
+from rtpo.metrics import reduce_as
+from rtpo.stages import Rollout, Rows, Scores
+
+reduce_as("sum", "loss", "hint_nll")  # each process holds its share of the global loss (hint NLL: global normaliser)
+reduce_as("same", "grad_norm")  # the norm of the global gradient
+reduce_as("max", "skipped_updates")
+reduce_as("tokens", "clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap")
+
+_SUMS = ("tokens", "clipped_tokens", "kl_sum", "entropy_sum", "tis_weight_sum", "tis_truncated_tokens",
+         "logp_gap_sum", "hint_nll")
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """The loss normalisers of one optimizer update, summed over all processes: each process's loss is its
+    share of the global loss."""
+    tokens: int       # completion tokens of the update's rows
+    seqs: int         # its rows
+    hint_tokens: int  # hint-loss target tokens (0 without loss.hint_loss)
+
+
+class UpdateStats:
+    """Sums of one step's updates -> its metrics (per-token means over the first pass's tokens)."""
+
+    def __init__(self, time_old_logprobs: float, time_reference: float):
+        self.t0, self.times = time.perf_counter(), {"time_old_logprobs": time_old_logprobs,
+                                                    "time_reference": time_reference}
+        self.sums = {k: 0.0 for k in _SUMS}
+        self.sums.update(hint_batches=0, loss=0.0)
+        self.grad_norms, self.skipped = [], 0
+
+    def add_micro(self, st: dict) -> None:
+        for k in _SUMS:
+            if k in st:
+                self.sums[k] += st[k].item() if torch.is_tensor(st[k]) else st[k]
+        self.sums["hint_batches"] += "hint_nll" in st
+
+    def add_update(self, loss: float, grad_norm: float) -> None:
+        self.sums["loss"] += loss
+        self.grad_norms.append(grad_norm)
+        self.skipped += not (math.isfinite(loss) and math.isfinite(grad_norm))
+
+    def metrics(self, updates: int, kl: bool, tis: bool) -> dict:
+        s, tok = self.sums, max(self.sums["tokens"], 1)
+        out = {"time_reference": self.times["time_reference"], "loss": s["loss"] / updates,
+               "grad_norm": float(np.mean(self.grad_norms)), "clip_frac": s["clipped_tokens"] / tok,
+               "kl": s["kl_sum"] / tok if kl else None, "entropy": s["entropy_sum"] / tok,
+               "skipped_updates": self.skipped,
+               "hint_nll": s["hint_nll"] / s["hint_batches"] if s["hint_batches"] else None,
+               "time_update": time.perf_counter() - self.t0, "time_old_logprobs": self.times["time_old_logprobs"]}
+        if tis:  # per token: mean TIS weight, fraction truncated, mean |log pi_old - log pi_rollout|
+            out.update(tis_weight=s["tis_weight_sum"] / tok, tis_truncated=s["tis_truncated_tokens"] / tok,
+                       rollout_logp_gap=s["logp_gap_sum"] / tok)
+        return out
+
+
+class Updater:
+    """Trains the policy on a scored rollout through the backend."""
+
+    def __init__(self, run, backend, log=print):
+        self.run, self.backend, self.comm, self.log = run, backend, backend.comm, log
+        self.updates_per_step = run.cfg.loss.num_iterations * run.cfg.optim.mini_batches
+
+    def update(self, ro: Rollout, sc: Scores) -> dict:
+        """All the step's optimizer updates -> their metrics."""
+        c = self.run.cfg
+        minis = self.backend.plan(len(ro))
+        micro_of = [self.micro_batches(ro, mb) for mb in minis]
+        t0 = time.perf_counter()
+        old = [self.frozen_logprobs(ro, mic) for mic in micro_of] if self.updates_per_step > 1 else None
+        t1 = time.perf_counter()
+        ref = [self.frozen_logprobs(ro, mic, ref=True) for mic in micro_of] if self.run.ref is not None else None
+        stats = UpdateStats(time_old_logprobs=t1 - t0, time_reference=time.perf_counter() - t1)
+        self.run.model.train()
+        for it in range(c.loss.num_iterations):
+            for m, (mb, micro) in enumerate(zip(minis, micro_of)):
+                loss, grad_norm = self._one_update(ro, sc, mb, micro, old[m] if old else None, ref[m] if ref else None,
+                                                   stats if it == 0 else None)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.log(f"[rtpo] step {ro.step}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                             "update skipped")
+                stats.add_update(loss, grad_norm)
+        return stats.metrics(self.updates_per_step, kl=c.loss.beta > 0, tis=c.loss.tis_cap > 0)
+
+    def _one_update(self, ro, sc, mb, micro, old, ref, stats) -> tuple[float, float]:
+        """One optimizer update over mini batch `mb` (cut into `micro`) -> (its loss, the grad norm). The
+        hint loss rides on the last micro batch: one forward/backward per micro batch, as every backend
+        (DeepSpeed's gradient accumulation included) expects."""
+        view = ro.take(mb)
+        hint_loss = self.run.cfg.loss.hint_loss
+        n_tokens, n_seqs = self.comm.sum([sum(len(x) for x in view.completions), len(mb)])
+        n_hint = int(self.comm.sum([sum(len(t) for t in view.hint_targets)])[0]) if hint_loss else 0
+        norm = Normalizers(int(n_tokens), int(n_seqs), n_hint)
+        self.backend.zero_grad()
+        loss_total = 0.0
+        for j, rows in enumerate(micro):
+            last = j == len(micro) - 1
+            loss, st = self.micro_loss(ro.take(rows), sc.advantages[rows], norm, old[j] if old else None,
+                                       ref[j] if ref else None, hint=view if last and hint_loss else None)
+            self.backend.backward(loss)
+            loss_total += loss.item()
+            if stats is not None:
+                stats.add_micro(st)
+        return loss_total, self.backend.step(loss_finite=math.isfinite(loss_total))
+
+    def micro_batches(self, ro: Rollout, rows: list) -> list:
+        """Mini batch `rows` cut into micro batches by the backend (tokens counted as a packed batch holds
+        them: a group's prompt once when shared)."""
+        o = self.run.cfg.optim
+        return self.backend.micro_batches(rows, lambda: row_tokens(ro.prompts, ro.completions, rows,
+                                                                   share_prefix=o.packing and o.share_prefix))
+
+    def batch(self, prompts: list, completions: list, images=None) -> dict:
+        """The log-prob batch of these rows (and their images, if any): packed, each distinct prompt once
+        (optim.packing / share_prefix), or padded where the model cannot take a packed batch (rtpo.logprobs.make_batch)."""
+        o, run = self.run.cfg.optim, self.run
+        return make_batch(run.model, prompts, completions, run.tok.pad_token_id, run.device, packing=o.packing,
+                          share_prefix=o.share_prefix, images=images)
+
+    @torch.no_grad()
+    def frozen_logprobs(self, ro: Rollout, micro: list, ref: bool = False) -> list:
+        """Per micro batch, the log-probs of its rows under the policy as it is now (the old policy of the
+        step's later updates) or under the reference."""
+        out = []
+        for mb in micro:
+            v = ro.take(mb)
+            batch = self.batch(v.prompts, v.completions, images=v.images)
+            with self.run.autocast():
+                lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
+            out.append(lp.float())
+        return out
+
+    def micro_loss(self, rows: Rows, advantages: torch.Tensor, norm: Normalizers, old_lp=None, ref_lp=None,
+                   hint: Rows | None = None) -> tuple:
+        """Loss of one micro batch: the policy-gradient loss of `rows`, plus loss.hint_loss times the
+        negative log-likelihood of `hint`'s hint targets (the mini batch's, on its last micro batch) over
+        all processes' `norm.hint_tokens`, computed in the same forward as extra rows (they never enter the
+        policy-gradient terms)."""
+        c, n, comps = self.run.cfg, len(rows), rows.completions
+        ctx, tgt = (hint.hint_contexts, hint.hint_targets) if hint is not None else ([], [])
+        images = None if rows.images is None else rows.images + (hint.hint_images if hint is not None else [])
+        batch = self.batch(rows.prompts + ctx, comps + tgt, images=images)
+        with self.run.autocast():
+            logp_all, ent_all = self.backend.logprobs(batch)
+        T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
+        logp, mask = logp_all[:n, :T], batch["completion_mask"][:n, :T]
+        loss, st = policy_loss(
+            logp.float(), old_lp[:, :T] if old_lp is not None else logp.detach(),
+            advantages.to(self.run.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
+            eps_high=c.loss.epsilon_high, beta=c.loss.beta, ref_logp=ref_lp[:, :T] if ref_lp is not None else None,
+            entropy=ent_all[:n, :T].float() if ent_all is not None else None, entropy_coef=c.loss.entropy_coef,
+            n_seqs=norm.seqs, n_tokens=norm.tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
+            rollout_logp=self._rollout_logprobs(rows, T), tis_cap=c.loss.tis_cap, tis_level=c.loss.tis_level)
+        st["tokens"] = int(mask.sum().item())
+        if ctx:  # the normaliser is global, as the policy loss's: the processes' shares sum to the whole
+            nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:], n_tokens=norm.hint_tokens)
+            loss = loss + c.loss.hint_loss * nll
+            st["hint_nll"] = nll.item()
+        return loss, st
+
+    def _rollout_logprobs(self, rows: Rows, T: int):
+        """[len(rows), T] the sampler's log-probs of the rows' tokens (0 on padding); None without TIS."""
+        if self.run.cfg.loss.tis_cap <= 0:
+            return None
+        out = torch.zeros((len(rows), T), dtype=torch.float32)
+        for a, lps in enumerate(rows.rollout_logprobs):
+            out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        return out.to(self.run.device)
