@@ -569,7 +569,3 @@ def save(cfg: RTPOConfig, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
     os.replace(tmp, path)
-
-
-def from_dict(data: dict) -> RTPOConfig:
-    return apply_dict(RTPOConfig(), data)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rtpo.config import CurriculumConfig
+# `c` below is the run's rtpo.config.CurriculumConfig. It is not imported, even for type checking:
+# rtpo.config imports this module (its schedule names), and the two would form an import cycle.
 
 
 # --- schedules: f(r) = fraction of the trace removed at progress r in [0, 1] -------------------
@@ -57,7 +56,7 @@ SCHEDULES = {
 }
 
 
-def anneal_length(c: CurriculumConfig, max_steps: int) -> int:
+def anneal_length(c, max_steps: int) -> int:
     """T: given, or `anneal_fraction` of the steps after warmup (so the run ends with some no-hint
     steps). Never less than 1, and computed from the real run length (the original code's default
     of 1 step made the hint vanish after the first step)."""
@@ -66,7 +65,7 @@ def anneal_length(c: CurriculumConfig, max_steps: int) -> int:
     return max(1, round(c.anneal_fraction * max(max_steps - c.warmup_steps, 1)))
 
 
-def keep_ratio(step: int, c: CurriculumConfig, max_steps: int) -> float:
+def keep_ratio(step: int, c, max_steps: int) -> float:
     """keep(step) = max(floor, 1 - f(r)), r = min(max(step - warmup, 0) / T, 1); keep = 1 during warmup."""
     if c.schedule == "adaptive":
         raise ValueError("the adaptive schedule is stateful: use Curriculum")
@@ -77,14 +76,14 @@ def keep_ratio(step: int, c: CurriculumConfig, max_steps: int) -> float:
     return min(1.0, max(c.floor, keep))
 
 
-def adaptive_update(keep: float, accuracy: float, c: CurriculumConfig) -> float:
+def adaptive_update(keep: float, accuracy: float, c) -> float:
     """keep' = keep - step while the batch accuracy >= target, else keep (hold while it drops)."""
     if accuracy >= c.adaptive_target:
         keep = keep - c.adaptive_step
     return max(c.floor, min(1.0, keep))
 
 
-def per_example_update(keep: float, group_accuracy: float, c: CurriculumConfig) -> float:
+def per_example_update(keep: float, group_accuracy: float, c) -> float:
     """One example's own keep after a group of its rollouts (AdaBack-style):
     all wrong -> keep + per_example_step; accuracy >= per_example_target -> keep - per_example_step;
     otherwise unchanged. Clipped to [0, 1]."""
@@ -110,7 +109,7 @@ class Curriculum:
     accuracy falls below the target as soon as the answer is cut (GSM8K-style traces end with it)
     would hold keep near 1 for the whole run."""
 
-    def __init__(self, c: CurriculumConfig, max_steps: int):
+    def __init__(self, c, max_steps: int):
         self.c, self.max_steps = c, max_steps
         self.adaptive_keep = 1.0
         self.example_keep: dict[int, float] = {}  # per_example: each example's own keep (1 until observed)

@@ -279,6 +279,17 @@ def mini_batches(n_rows: int, parts: int) -> list:
     return [[int(i) for i in s] for s in np.array_split(np.arange(n_rows), parts) if len(s)]
 
 
+def micro_batches(rows: list, costs, optim, gas: int | None) -> list:
+    """Mini batch `rows` cut into consecutive micro batches: optim.micro_batch_size rows each, or with
+    optim.micro_batch_tokens at most that many tokens each (`costs(rows)`: each row's tokens). Under a
+    backend that fixes the count (`gas`: DDP / DeepSpeed run collectives in every backward) the token
+    budget is not a cap but a balance: exactly `gas` runs, cut where the tokens are most even."""
+    if optim.micro_batch_tokens <= 0:
+        m = optim.micro_batch_size
+        return [rows[i:i + m] for i in range(0, len(rows), m)]
+    return split_even(rows, costs(rows), gas) if gas else split_by_tokens(rows, costs(rows), optim.micro_batch_tokens)
+
+
 def row_tokens(prompts: list, completions: list, rows: list, share_prefix: bool = True) -> list:
     """What each of `rows` (in order) adds to a packed batch: its completion, plus its prompt unless
     the previous row has the same prompt (a group's rows are consecutive, so they share it)."""

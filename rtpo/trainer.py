@@ -82,8 +82,8 @@ class Trainer:
         self._stop_signal = self._signalled = None  # why the loop stops; the first SIGINT/SIGTERM received
         if run.resume_from:
             self.load_state_dict(self.checkpointer.load(run.resume_from))
-        if self.backend.describe():
-            self.log(f"[rtpo] {self.backend.describe()}: {self.comm.world} process(es), "
+        if self.backend.description:
+            self.log(f"[rtpo] {self.backend.description}: {self.comm.world} process(es), "
                      f"{cfg.rollout.prompts_per_step // self.comm.world} prompts x {cfg.rollout.num_generations} "
                      f"completions each per step, {self.backend.gas} micro batch(es) per update")
 

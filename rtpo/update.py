@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rtpo.logprobs import make_batch, row_tokens
+from rtpo.logprobs import make_batch, micro_batches, row_tokens
 from rtpo.losses import hint_nll, policy_loss
 from rtpo.metrics import reduce_as
 from rtpo.stages import Rollout, Rows, Scores
@@ -82,8 +82,8 @@ class Updater:
     def update(self, ro: Rollout, sc: Scores) -> dict:
         """All the step's optimizer updates -> their metrics."""
         c = self.run.cfg
-        minis = self.backend.plan(len(ro))
-        micro_of = [self.micro_batches(ro, mb) for mb in minis]
+        micro_of = self.backend.plan(len(ro), self._costs(ro))
+        minis = [sum(micro, []) for micro in micro_of]
         t0 = time.perf_counter()
         old = [self.frozen_logprobs(ro, mic) for mic in micro_of] if self.updates_per_step > 1 else None
         t1 = time.perf_counter()
@@ -121,12 +121,14 @@ class Updater:
                 stats.add_micro(st)
         return loss_total, self.backend.step(loss_finite=math.isfinite(loss_total))
 
-    def micro_batches(self, ro: Rollout, rows: list) -> list:
-        """Mini batch `rows` cut into micro batches by the backend (tokens counted as a packed batch holds
-        them: a group's prompt once when shared)."""
+    def _costs(self, ro: Rollout):
+        """rows -> each row's tokens as a packed batch holds them (a group's prompt once when shared)."""
         o = self.run.cfg.optim
-        return self.backend.micro_batches(rows, lambda: row_tokens(ro.prompts, ro.completions, rows,
-                                                                   share_prefix=o.packing and o.share_prefix))
+        return lambda rows: row_tokens(ro.prompts, ro.completions, rows, share_prefix=o.packing and o.share_prefix)
+
+    def micro_batches(self, ro: Rollout, rows: list) -> list:
+        """Mini batch `rows` cut into micro batches as the backend's plan cuts them."""
+        return micro_batches(rows, self._costs(ro), self.run.cfg.optim, self.backend.gas)
 
     def batch(self, prompts: list, completions: list, images=None) -> dict:
         """The log-prob batch of these rows (and their images, if any): packed, each distinct prompt once

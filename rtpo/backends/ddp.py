@@ -17,6 +17,8 @@ from rtpo.distributed import (LogprobModule, check_boundary, init_process_group,
 
 
 class DDPBackend(LocalBackend):
+    description = "DDP"
+
     def __init__(self, cfg):
         device = place(cfg, use_deepspeed=False)
         super().__init__(cfg, device)
@@ -24,9 +26,6 @@ class DDPBackend(LocalBackend):
         init_process_group(False, self.device.type)
         self.comm = TorchComm()
         self.micro_count = 0
-
-    def describe(self) -> str:
-        return "DDP"
 
     def main_first(self):
         return local_main_first(self.local_rank)

@@ -12,7 +12,7 @@ from rtpo.checkpoint import DS_DIR, deepspeed_checkpoint_message
 from rtpo.comm import Comm
 from rtpo.config import ConfigError
 from rtpo.device import auto_device, auto_dtype
-from rtpo.logprobs import completion_logprobs, mini_batches, split_by_tokens, split_even
+from rtpo.logprobs import completion_logprobs, micro_batches, mini_batches
 from rtpo.lora import AdaptersOff
 
 
@@ -23,8 +23,8 @@ class Backend:
     - `device` / `amp_dtype`: where this process computes and its autocast dtype (None: float32),
       decided once when the backend is built (rtpo.device); the config is never written back.
     - `gas`: micro batches per update when the strategy fixes it (DDP / DeepSpeed run collectives in
-      every backward, so every process runs the same number), else None; `plan(n_rows)`: the update's
-      mini batches; `micro_batches(rows, costs)`: one mini batch cut into micro batches.
+      every backward, so every process runs the same number), else None; `plan(n_rows, costs)`: the
+      update's mini batches, each cut into micro batches.
     - `prepare(model, ref, lr_fn)`: build the optimizer (and engine) once the models exist.
     - `logprobs(batch, ref=False)`: per-token log-probs (and entropies) of the policy or the reference.
     - `backward(loss)` per micro batch; `step(loss_finite)` at the end of an update: the grad norm,
@@ -38,6 +38,7 @@ class Backend:
     comm: Comm
     scheduler: torch.optim.lr_scheduler.LRScheduler
     gas: int | None = None
+    description: str | None = None  # named in the run's first log line (None: one process)
 
     def __init__(self, cfg, device: str | None = None):
         self.cfg = cfg
@@ -45,22 +46,11 @@ class Backend:
         self.device = torch.device(device or auto_device(cfg.run.device))
         self.amp_dtype = auto_dtype(cfg.run.dtype, str(self.device))
 
-    def plan(self, n_rows: int) -> list:
-        """The update's mini batches of a step's `n_rows` rows: optim.mini_batches consecutive slices."""
-        return mini_batches(n_rows, self.cfg.optim.mini_batches)
-
-    def micro_batches(self, rows: list, costs) -> list:
-        """`rows` (one mini batch) cut into consecutive micro batches: optim.micro_batch_size rows each, or
-        with optim.micro_batch_tokens at most that many tokens each (`costs()`: each row's tokens). With a
-        fixed `gas` the token budget is not a cap but a balance: exactly `gas` runs, cut where the tokens are
-        most even."""
+    def plan(self, n_rows: int, costs) -> list:
+        """The update's mini batches of a step's `n_rows` rows (optim.mini_batches consecutive slices), each
+        cut into micro batches by rtpo.logprobs.micro_batches (`costs(rows)`: each row's tokens)."""
         o = self.cfg.optim
-        if o.micro_batch_tokens <= 0:
-            return [rows[i:i + o.micro_batch_size] for i in range(0, len(rows), o.micro_batch_size)]
-        return split_even(rows, costs(), self.gas) if self.gas else split_by_tokens(rows, costs(), o.micro_batch_tokens)
-
-    def describe(self) -> str | None:
-        return None
+        return [micro_batches(mb, costs, o, self.gas) for mb in mini_batches(n_rows, o.mini_batches)]
 
     def main_first(self):
         return contextlib.nullcontext()

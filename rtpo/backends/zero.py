@@ -44,15 +44,13 @@ class DeepSpeedBackend(Backend):
                               "with DDP)") from None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.stage = zero_stage(self.ds_raw)
+        self.description = f"DeepSpeed ZeRO-{self.stage}"
         resolved = resolve_ds_config(self.ds_raw, cfg, self.world, source=cfg.run.deepspeed, device=str(self.device))
         self.amp_dtype = ds_amp_dtype(resolved, cfg, str(self.device))  # an explicit DeepSpeed bf16 / fp16 wins
         init_process_group(True, self.device.type)
         self.comm = TorchComm()
         self.ref_engine = None
         self.micro_count = 0
-
-    def describe(self) -> str:
-        return f"DeepSpeed ZeRO-{self.stage}"
 
     def main_first(self):
         return local_main_first(self.local_rank)
