@@ -54,6 +54,7 @@ class Run:
     ref: object                      # the reference policy (None without a KL term)
     close_ids: list                  # curriculum.think_close's tokens
     eos_ids: tuple                   # every token that ends a completion
+    sft_tokens: int                  # tokens through the sft.steps phase before RL (0: none, or resumed)
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -111,6 +112,8 @@ def setup(cfg: RTPOConfig, backend, log=print, train: bool = True, adapter: str 
         model.gradient_checkpointing_enable()
         if peft is not None:  # frozen embeddings: checkpointed blocks need inputs that require grad
             model.enable_input_require_grads()
+    sft_tokens = warmstart.sft_first(model, tok, builder, train_kept, cfg, device, log) \
+        if resume_from is None and cfg.sft.steps else 0
     ref = reference(cfg, model, peft, resume_from, lambda m: warmstart.for_run(
         freeze_encoder(m, freeze), tok, builder, cfg, held, device, log=log), device)
     close_ids = tok(cfg.curriculum.think_close, add_special_tokens=False)["input_ids"]
@@ -119,7 +122,8 @@ def setup(cfg: RTPOConfig, backend, log=print, train: bool = True, adapter: str 
                column_names=columns, train_rows=train_kept, eval_rows=eval_kept, train_enc=train_enc,
                eval_enc=eval_enc, truncated={"train": train_cut, "eval": eval_cut},
                dropped={"train": train_dropped, "eval": eval_dropped}, model=model, tok=tok, vision=vision,
-               builder=builder, peft=peft, base_pending=pending, ref=ref, close_ids=close_ids, eos_ids=eos_ids)
+               builder=builder, peft=peft, base_pending=pending, ref=ref, close_ids=close_ids, eos_ids=eos_ids,
+               sft_tokens=sft_tokens)
 
 
 def resolve_resume(cfg: RTPOConfig, log=print) -> str | None:

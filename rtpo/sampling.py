@@ -10,6 +10,7 @@ import numpy as np
 
 from rtpo.curriculum import Curriculum, dropout_rows
 from rtpo.generation import SamplingConfig, draw_uniforms, generate
+from rtpo.prompts import response_ids
 from rtpo.stages import Rollout, expand
 
 
@@ -95,6 +96,9 @@ class Sampler:
         ro = Rollout(step=step, keep=keep, G=G, idx=idx, keeps=keeps,
                      examples=[run.train_rows[i] for i in idx], hinted=hinted, plain=plain, hinted_rows=G - n0,
                      images=None if images is None else expand(images, G))
+        if c.loss.sft_loss > 0:  # per group: (hint-free prompt, whole response) for the SFT loss
+            ro.sft_targets = [(list(e.base), response_ids(run.builder, run.train_rows[i], e, run.tok.eos_token_id))
+                              for i, e in zip(idx, encs)]
         for g in range(len(idx)):  # each variant's output holds its groups' rows consecutively
             for out, n, j0 in ((outs[0], n0, 0), (outs[1], G - n0, n0)):
                 for r in range(g * n, g * n + n) if n else ():

@@ -28,13 +28,11 @@ def expand(per_group: list, G: int) -> list:
 class Rows:
     """Some rows of a Rollout, as a batch reads them (`Rollout.take`)."""
     rows: list                       # the rows' indices in the rollout
-    prompts: list                    # per row: prompt token ids
-    completions: list                # per row: completion token ids
+    prompts: list                    # per row: prompt token ids (as the update lays it out: `LossRows`)
+    completions: list                # per row: completion token ids (ditto)
     images: Optional[list]           # per row: its rtpo.vision.ImageInputs (None: a run without images)
     rollout_logprobs: list           # per row: the sampler's log-probs (or None)
-    hint_contexts: list              # per group that starts in `rows` and carries a hint: the hint loss's context
-    hint_targets: list               # ... its target (the injected text)
-    hint_images: list                # ... its images ([] for a run without images)
+    hint_lens: list                  # per row: injected hint tokens at the start of its completion (0: none)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -57,6 +55,7 @@ class Rollout:
     finish_reasons: list = field(default_factory=list)
     rollout_logprobs: list = field(default_factory=list)  # per row: the sampler's log-probs (or None)
     images: Optional[list] = None  # per row: its rtpo.vision.ImageInputs (None: a run without images)
+    sft_targets: list = field(default_factory=list)       # per group: (hint-free prompt, whole response) ids
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -88,15 +87,22 @@ class Rollout:
     def answers(self) -> list:
         return [ex.answer for ex in expand(self.examples, self.G)]
 
-    def take(self, rows: list) -> Rows:
-        """The rows `rows`, with the hint-loss rows of the groups that start among them and carry a hint."""
-        ps = self.row_prompts
-        starts = [i for i in rows if i % self.G == 0 and self.hinted[i // self.G].hint_target]
-        pick = (lambda ix: None) if self.images is None else (lambda ix: [self.images[i] for i in ix])
-        return Rows(rows=list(rows), prompts=[ps[i].ids for i in rows], completions=[self.completions[i] for i in rows],
-                    images=pick(rows), rollout_logprobs=[self.rollout_logprobs[i] for i in rows],
-                    hint_contexts=[self.hinted[i // self.G].hint_context for i in starts],
-                    hint_targets=[self.hinted[i // self.G].hint_target for i in starts], hint_images=pick(starts) or [])
+    @property
+    def hint_targets(self) -> list:
+        """Per group: (context, target) ids of its hint (the target is [] at keep 0)."""
+        return [(p.hint_context, p.hint_target) for p in self.hinted]
+
+    def images_of(self, rows: list) -> list | None:
+        """The images of rows `rows` (None for a run without images)."""
+        return None if self.images is None else [self.images[i] for i in rows]
+
+    def take(self, rows: list, layout: LossRows | None = None) -> Rows:
+        """The rows `rows`: prompts and completions as `layout` has them (default: as sampled)."""
+        layout = layout or LossRows(self.prompts, self.completions, [0] * len(self), [0] * len(self))
+        return Rows(rows=list(rows), prompts=[layout.prompts[i] for i in rows],
+                    completions=[layout.completions[i] for i in rows], images=self.images_of(rows),
+                    rollout_logprobs=[self.rollout_logprobs[i] for i in rows],
+                    hint_lens=[layout.hint_lens[i] for i in rows])
 
 
 @dataclass
@@ -110,3 +116,25 @@ class Scores:
     group_keeps: list                # hint fraction of every group (all processes')
     advantages: Optional[torch.Tensor] = None  # [rows] this process's rows
     prompt_texts: list = field(default_factory=list)  # per row: the decoded prompt (rewards and samples.jsonl)
+
+
+@dataclass
+class LossRows:
+    """Every row of a Rollout as the update's log-prob passes see it: with loss.hint_advantage a hinted
+    row's prompt is the hint's context and its completion starts with the injected hint (hint_lens[r]
+    tokens, credited with the row's advantage); otherwise the rollout's own prompt and completion."""
+    prompts: list
+    completions: list
+    hint_lens: list       # per row: injected tokens at the start of its completion (0: none)
+    hint_kept: list       # per row: how many of them enter the loss (loss.hint_top_entropy)
+
+
+@dataclass
+class Supervised:
+    """One log-likelihood term of an update (hint loss or SFT loss): target rows after their contexts."""
+    name: str
+    contexts: list
+    targets: list
+    images: list
+    weight: float
+    n_tokens: int = 0     # the term's target tokens over the whole update (all processes): its normaliser

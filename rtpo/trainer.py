@@ -239,7 +239,8 @@ class Trainer:
         summary = {"steps": self.step, "checkpoint": path, "wall_seconds": seconds,
                    "eval_before": {k: v for k, v in (first_eval or {}).items() if k.startswith("eval/")},
                    "eval_after": {k: v for k, v in (last_eval or {}).items() if k.startswith("eval/")},
-                   "skipped_updates": self.skipped_total, "truncated_traces": dict(run.truncated),
+                   "skipped_updates": self.skipped_total, "sft_tokens": run.sft_tokens,
+                   "truncated_traces": dict(run.truncated),
                    "dropped_rows": dict(run.dropped)}
         if c.log.plot and self.comm.is_main:
             png = plot_metrics(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
