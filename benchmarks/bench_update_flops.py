@@ -1,7 +1,7 @@
 """The update's achieved FLOP/s against the machine's measured matmul peak (model FLOPs utilisation).
 
 One rollout of the trainer (SmolLM2-135M by default, where matmuls dominate), then `--reps` timed
-calls of `Trainer.update` on it. The optimizer step is timed apart (it is memory-bound, not matmul
+calls of `Updater.update` on it. The optimizer step is timed apart (it is memory-bound, not matmul
 work), so two utilisations are reported: forward + backward alone, and the whole update.
 
 Useful FLOPs of one update (the usual MFU accounting; padding and recomputation are not counted):

@@ -1,7 +1,9 @@
 """rtpo: a standalone GRPO trainer with Reverse Thinking Policy Optimization (RTPO).
 
-Modules, one idea each: config, cli, presets, data, synthetic, embedded, models, curriculum, prompts,
-generation, rewards, advantages, losses, logprobs, stages, comm, checkpoint, metrics, warmstart, trainer.
+Modules, one idea each: config, cli, presets, device, data, synthetic, wordproblems, shapes, embedded,
+embedded_vl, models, vision, lora, export, curriculum, prompts, generation, rewards, advantages, losses,
+logprobs, kernels (top-level package), stages, comm, backends, distributed, checkpoint, runlock, metrics,
+warmstart, eval; the loop: run (setup, once), sampling, scoring, update, evaluation, saving, trainer.
 """
 
 from rtpo.config import ConfigError, RTPOConfig

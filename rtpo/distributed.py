@@ -4,7 +4,7 @@ group, placement, DeepSpeed config resolution, the one-module log-prob forward, 
 How W processes train exactly like one process on the same batch:
 - sharding: each process takes a contiguous 1/W of the step's prompts with all G completions of
   each (Trainer.batch_indices via its Comm), so group statistics never cross processes. Rewards are
-  gathered before advantages (Trainer.score), so `scale_rewards = batch` uses the whole batch's std.
+  gathered before advantages (Scorer.score), so `scale_rewards = batch` uses the whole batch's std.
 - sampling: every process draws the step's full uniform table from the shared generator and samples
   its columns (rtpo.generation.draw_uniforms), so its completions are the ones one process would
   sample for those rows, and the generator state stays identical everywhere.
