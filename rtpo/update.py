@@ -37,6 +37,11 @@ class Normalizers:
     seqs: int         # its rows
 
 
+def _costs(lr: LossRows, o):
+    """rows -> each row's tokens as a packed batch holds them (a group's prompt once when shared)."""
+    return lambda rows: row_tokens(lr.prompts, lr.completions, rows, share_prefix=o.packing and o.share_prefix)
+
+
 class UpdateStats:
     """Sums of one step's updates -> its metrics (per-token means over the first pass's tokens)."""
 
@@ -91,7 +96,7 @@ class Updater:
         """All the step's optimizer updates -> their metrics."""
         c = self.run.cfg
         lr = self.loss_rows(ro)
-        micro_of = self.backend.plan(len(ro), self._costs(lr))
+        micro_of = self.backend.plan(len(ro), _costs(lr, self.run.cfg.optim))
         minis = [sum(micro, []) for micro in micro_of]
         t0 = time.perf_counter()
         old = [self.frozen_logprobs(ro, lr, mic) for mic in micro_of] if self.updates_per_step > 1 else None
@@ -167,14 +172,10 @@ class Updater:
             t.n_tokens = int(n)
         return [t for t in terms if t.n_tokens]
 
-    def _costs(self, lr: LossRows):
-        """rows -> each row's tokens as a packed batch holds them (a group's prompt once when shared)."""
-        o = self.run.cfg.optim
-        return lambda rows: row_tokens(lr.prompts, lr.completions, rows, share_prefix=o.packing and o.share_prefix)
-
     def micro_batches(self, ro: Rollout, rows: list) -> list:
         """Mini batch `rows` cut into micro batches as the backend's plan cuts them."""
-        return micro_batches(rows, self._costs(self.loss_rows(ro)), self.run.cfg.optim, self.backend.gas)
+        o = self.run.cfg.optim
+        return micro_batches(rows, _costs(self.loss_rows(ro), o), o, self.backend.gas)
 
     def batch(self, prompts: list, completions: list, images=None) -> dict:
         """The log-prob batch of these rows (and their images, if any): packed, each distinct prompt once
