@@ -105,8 +105,9 @@ def load_run(cfg: RTPOConfig, adapter: str | None = None, log=print):
     return setup(cfg, LocalBackend(cfg), log, train=False, adapter=adapter)
 
 
-def build_config(target: str, argv: list, log=print) -> tuple:
-    """(config, adapter path or None) for evaluating CHECKPOINT with the extra `--key value` argv."""
+def build_config(target: str, argv: list, log=print, num_examples: int | None = None) -> tuple:
+    """(config, adapter path or None) for evaluating CHECKPOINT with the extra `--key value` argv;
+    `num_examples` (--num-examples) above data.num_eval raises it: the held-out split must hold that many rows."""
     kind, path, saved = resolve_checkpoint(target, log=log)
     cfg = _apply_saved(RTPOConfig(), saved, log) if saved else RTPOConfig()
     cfg = parse_args(list(argv), base=cfg)
@@ -121,6 +122,8 @@ def build_config(target: str, argv: list, log=print) -> tuple:
     cfg.run.deepspeed = None  # one process; a DeepSpeed run's checkpoint holds ordinary weights too
     if not any(a.split("=")[0] in ("--run.device", "--device") for a in argv):
         cfg.run.device = "auto"  # the saved device (e.g. a training rank's cuda:0) may not exist here
+    if num_examples is not None and num_examples > cfg.data.num_eval:
+        cfg.data.num_eval = num_examples
     return cfg.validate(), (path if kind == "adapter" else None)
 
 
@@ -199,9 +202,7 @@ def main(argv=None) -> int:
 
     try:
         keeps = parse_keeps(args.keep)
-        cfg, adapter = build_config(args.checkpoint, extra, log=log)
-        if args.num_examples is not None and args.num_examples > cfg.data.num_eval:
-            cfg.data.num_eval = args.num_examples  # the held-out split must hold that many rows
+        cfg, adapter = build_config(args.checkpoint, extra, log=log, num_examples=args.num_examples)
         if cfg.eval.num_examples <= 0:
             raise ConfigError("eval.num_examples = 0: nothing to evaluate; pass --num-examples N")
         t0 = time.perf_counter()
