@@ -286,18 +286,18 @@ def test_sigint_stops_at_step_boundary_with_checkpoint(tmp_path, cache, capfd, f
 
 
 # ------------------------------------------------------------------------------ 4. numeric faults
-def test_transient_nan_reward_skips_that_update_logs_and_counts_it(tmp_path, cache, capfd, faults):
-    """A reward function that returns NaN at step 1 only: step 1's update is skipped (weights
+def test_transient_nan_update_skips_that_update_logs_and_counts_it(tmp_path, cache, capfd, faults):
+    """An update whose forward pass computes NaN at step 1 only: step 1's update is skipped (weights
     unchanged across it), a log line says so, metrics count it (skipped_updates = 1, loss null),
     the summary counts it, and training goes on with updates at steps 0 and 2."""
     faults.configure(nan_calls=(1,))
     out = tmp_path / "run"
-    rc, log, err = main(tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "3", "--eval.num_examples", "0",
+    rc, log, err = main(tiny_args(out, cache, *custom("nan_update"), "--max_steps", "3", "--eval.num_examples", "0",
                                   "--checkpoint.every", "1", "--checkpoint.keep_last", "0"), capfd)
     assert rc == 0, err
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
-    assert rows[1]["loss"] is None and rows[1]["reward"] is None
+    assert rows[1]["loss"] is None and math.isfinite(rows[1]["reward"])
     assert all(math.isfinite(rows[i]["loss"]) for i in (0, 2))
     assert "[rtpo] step 1: non-finite loss (nan)" in log and "update skipped" in log
     assert json.loads((out / "summary.json").read_text())["skipped_updates"] == 1
@@ -307,13 +307,13 @@ def test_transient_nan_reward_skips_that_update_logs_and_counts_it(tmp_path, cac
 
 
 def test_repeated_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, cache, capfd, faults):
-    """NaN rewards from step 1 on with run.max_consecutive_skips = 2: steps 1 and 2 are skipped,
+    """NaN updates from step 1 on with run.max_consecutive_skips = 2: steps 1 and 2 are skipped,
     then the run stops with exit code 3 and one error line that names the cause, the step, the
     checkpoint and the fix; that checkpoint holds the weights of the last good update (step 0) and
     resumes once the fault is gone."""
     faults.configure(nan_from=1)
     out = tmp_path / "run"
-    args = tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "6", "--eval.num_examples", "0",
+    args = tiny_args(out, cache, *custom("nan_update"), "--max_steps", "6", "--eval.num_examples", "0",
                      "--checkpoint.every", "1", "--checkpoint.keep_last", "0", "--run.max_consecutive_skips", "2")
     rc, log, err = main(args, capfd)
     assert rc == 3
@@ -347,6 +347,41 @@ def test_reward_function_that_raises_stops_with_one_line_naming_it(tmp_path, cac
                                "'missing_field'. Fix it, then continue from the last checkpoint with --resume auto")
     assert [s for s, _ in list_checkpoints(out)] == [1]
     rc, log, err = main([*args, "--resume", "auto"], capfd)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("bad", sorted(fault_rewards.BAD_RETURNS))
+def test_reward_function_breaking_its_contract_stops_with_one_line_naming_it(bad, tmp_path, cache, capfd, faults):
+    """A reward function must return exactly N finite numbers (or None): a dict, numeric strings, a
+    string, the wrong length, NaN, inf, a value float32 cannot hold, nested lists, a generator, and
+    sys.exit(0) / KeyboardInterrupt raised inside it each end the run at step 1 with exit 3 and one
+    error line naming the function (sys.exit(0) used to end the run with exit 0 and no checkpoint;
+    a dict was used silently); the step-1 checkpoint written before it is intact and resumable."""
+    faults.configure(bad=bad)
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, *custom("contract_breaker"), "--max_steps", "3", "--eval.num_examples", "0",
+                     "--checkpoint.every", "1")
+    rc, log, err = main(args, capfd)
+    line = error_line(err)
+    assert rc == 3, line
+    assert line.startswith("error: step 1: reward function 'fault_rewards:contract_breaker' "), line
+    assert "--resume auto" in line
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    faults.configure()
+    rc, log, err = main([*args, "--resume", "auto"], capfd)
+    assert rc == 0, err
+
+
+def test_reward_none_is_no_reward(tmp_path, cache, capfd, faults):
+    """None, for the whole return or for single entries, is the documented "no reward": it adds 0."""
+    from rtpo.rewards import score
+
+    faults.configure()
+    fns = {"fault_rewards:no_reward": (fault_rewards.no_reward, 2.0)}
+    assert score(fns, ["a", "b", "c"], ["1"] * 3) == ([0.0] * 3, {"fault_rewards:no_reward": [0.0] * 3})
+    assert score(fns, ["a", "b", "c"], ["1"] * 3)[0] == [2.0, 0.0, 2.0]
+    rc, _, err = main(tiny_args(tmp_path / "run", cache, *custom("no_reward"), "--max_steps", "2",
+                                "--eval.num_examples", "0"), capfd)
     assert rc == 0, err
 
 
