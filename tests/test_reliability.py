@@ -403,6 +403,24 @@ def inputs(tmp_path_factory):
     f["empty"] = str(d / "empty.jsonl")
     (d / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "reasoning": "r", "answer": "1"}\n'.encode("latin-1"))
     f["latin1"] = str(d / "latin1.jsonl")
+    # a bad byte past the first MiB (only the first MiB was checked: a traceback, exit 1)
+    many = make_dataset(24, seed=3) * 700  # ~1.4 MB of JSON lines
+    late = "".join(json.dumps(r) + "\n" for r in many).encode()
+    cut = late.index(b"\n", (1 << 20) + 1000) + 1
+    n_late = late[:cut].count(b"\n") + 1
+    (d / "late_latin1.jsonl").write_bytes(late[:cut] + '{"question": "caf\u00e9?", "reasoning": "r", "answer": "1"}\n'
+                                          .encode("latin-1") + late[cut:])
+    f["late_latin1"], f["late_line"] = str(d / "late_latin1.jsonl"), n_late
+    import csv
+
+    with open(d / "late_latin1.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["question", "reasoning", "answer"])
+        w.writeheader()
+        w.writerows(many * 3)
+    raw = (d / "late_latin1.csv").read_bytes()
+    cut = raw.index(b"\n", (1 << 20) + 1000) + 1
+    (d / "late_latin1.csv").write_bytes(raw[:cut] + "caf\u00e9?,r,1\n".encode("latin-1") + raw[cut:])
+    f["late_latin1_csv"], f["late_csv_line"] = str(d / "late_latin1.csv"), raw[:cut].count(b"\n") + 1
     (d / "torn.jsonl").write_text(json.dumps(rows[0]) + '\n{"question": "Compute 1+1.", "reasoning": \n')
     f["torn"] = str(d / "torn.jsonl")
     (d / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
@@ -441,6 +459,10 @@ BAD_INPUTS = [
      ["row 3 field 'answer' (answer) is empty"]),
     ("dataset_empty", lambda f: ["--dataset", f["empty"], *DATA], ["empty.jsonl", "is empty"]),
     ("dataset_not_utf8", lambda f: ["--dataset", f["latin1"], *DATA], ["latin1.jsonl", "is not UTF-8", "re-encode"]),
+    ("dataset_not_utf8_after_first_mib", lambda f: ["--dataset", f["late_latin1"], *DATA],
+     ["late_latin1.jsonl", "is not UTF-8", "re-encode"]),
+    ("dataset_csv_not_utf8_after_first_mib", lambda f: ["--dataset", f["late_latin1_csv"], *DATA],
+     ["late_latin1.csv", "is not UTF-8", "re-encode"]),
     ("dataset_torn_json", lambda f: ["--dataset", f["torn"], *DATA], ["torn.jsonl", "could not be read as json: line 2"]),
     ("dataset_no_such_file", lambda f: ["--dataset", f["no_run"] + "/none.jsonl", *DATA],
      ["data.dataset", "none.jsonl", "no such file"]),
@@ -505,6 +527,10 @@ def test_bad_input_one_error_line_exit_2_outputs_untouched(case, flags, expected
     assert rc == 2, line
     for s in expected:
         assert s in line, (s, line)
+    if case == "dataset_not_utf8_after_first_mib":
+        assert f"line {inputs['late_line']} " in line, line
+    if case == "dataset_csv_not_utf8_after_first_mib":
+        assert f"line {inputs['late_csv_line']} " in line, line
     assert snapshot(workspace) == before
 
 
