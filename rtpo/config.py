@@ -659,10 +659,10 @@ def _check_ranges(c: RTPOConfig) -> None:
 
 
 def save(cfg: RTPOConfig, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    """config.json, replaced atomically; a failed write (a full disk) raises OSError naming it."""
+    from rtpo.checkpoint import write_json
+
+    write_json(path, cfg.to_dict())
 
 
 def from_dict(data: dict) -> RTPOConfig:

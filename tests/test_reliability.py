@@ -988,79 +988,148 @@ def test_expected_failure_ends_in_one_error_line_exit_2(name, fault_env, capfd):
     assert listing(fault_env.tmp) == before
 
 
-def fill_disk_in_torch_save(monkeypatch, calls: int):
-    """torch.save writes half its bytes and fails with ENOSPC on its `calls`-th call, as on a full disk."""
-    real, n = torch.save, [0]
-
-    def save(obj, path, *a, **kw):
-        n[0] += 1
-        if n[0] != calls:
-            return real(obj, path, *a, **kw)
-        buf = io.BytesIO()
-        real(obj, buf)
-        Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-    monkeypatch.setattr(torch, "save", save)
+# Real write faults, not injected ones: the fault run is a forked child of this process with a real
+# RLIMIT_FSIZE (SIGXFSZ ignored, as Python does, so writes past the limit fail with EFBIG), or its run
+# folder on a real, small tmpfs (ENOSPC). What the libraries raise there (safetensors SafetensorError,
+# torch RuntimeError "[enforce fail at inline_container.cc] ... file write failed", OSError) must end
+# as one error line, exit 3, with the previous checkpoint intact and an exact resume.
+def first_half(out, cache, *extra):
+    """An uninterrupted run's first 2 steps: it stops with the step-2 checkpoint (exit 0)."""
+    rc = train.main([str(a) for a in ref_args(out, cache, "--run.stop_after_steps", "2", *extra)])
+    assert rc == 0
+    return os.path.join(out, CKPT_DIR, "step_000002")
 
 
-def fill_disk_in_metrics_append(monkeypatch, appends: int):
-    """The `appends`-th append to metrics.jsonl writes half its line, then fails with ENOSPC."""
-    import rtpo.metrics
-
-    n = [0]
-
-    class HalfWritten(io.TextIOWrapper):
-        def write(self, text):
-            super().write(text[: len(text) // 2])
-            self.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def fake_open(path, mode="r", *a, **kw):
-        if os.path.basename(path) == "metrics.jsonl" and mode == "a":
-            n[0] += 1
-            if n[0] == appends:
-                return HalfWritten(open(path, "ab"), encoding="utf-8")
-        return open(path, mode, *a, **kw)
-
-    monkeypatch.setattr(rtpo.metrics, "open", fake_open, raising=False)
+def fsize_limit(where, out, step2):
+    """A per-file size limit that the run's first write of `where` exceeds, and no write before it."""
+    size = lambda p: os.path.getsize(p)
+    weights_b, state_b = size(os.path.join(step2, "model.safetensors")), size(os.path.join(step2, STATE_FILE))
+    if where == "checkpoint_weights_safetensors":
+        return weights_b - 1000
+    if where == "checkpoint_state_torch_save":
+        assert weights_b < state_b - 2000
+        return (weights_b + state_b) // 2
+    return size(out / "config.json") + 1000  # metrics: the rows outgrow config.json (the largest write before)
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
-def test_disk_full_ends_in_one_error_line_exit_3_and_resumes_exactly(where, tmp_path, cache, reference, capfd,
-                                                                       monkeypatch):
-    """A full disk (ENOSPC injected into the writer) while saving the step-4 checkpoint, or while
-    appending step 3's metrics row (half of it written): exit 3 with one error line naming the file
-    and the fix; the step-2 checkpoint is intact (verified), the failed save left no partial folder;
-    `--resume auto` drops the torn row and the finished run equals an uninterrupted one."""
+# metrics.jsonl, not samples.jsonl, grows first; four more reward functions make its rows outgrow config.json
+BIG_ROWS = ["--log.sample_groups", "0", "--log.sample_eval_rows", "0", "--rewards.boxed", "0.01", "--rewards.gsm8k",
+            "0.01", "--rewards.json_answer", "0.01", "--rewards.length_penalty", "0.01"]
+
+
+@pytest.mark.parametrize("where", ["checkpoint_weights_safetensors", "checkpoint_state_torch_save", "metrics_append"])
+def test_real_file_size_limit_ends_in_one_error_line_exit_3_and_resumes_exactly(where, tmp_path, cache, reference):
+    """A run continued from its step-2 checkpoint under a real RLIMIT_FSIZE: the step-4 checkpoint's
+    model.safetensors (safetensors raises SafetensorError, not OSError) or trainer_state.pt (torch raises
+    RuntimeError from inline_container.cc), or a metrics.jsonl append (EFBIG mid-row), fails: exit 3,
+    one error line naming the file and the fix; the step-2 checkpoint is intact and the failed save left
+    no partial folder; `--resume auto` without the limit drops the torn row and finishes exactly as an
+    uninterrupted run."""
     out = tmp_path / "run"
-    step2 = os.path.join(out, CKPT_DIR, "step_000002")
-    with monkeypatch.context() as m:
-        if where == "checkpoint":
-            fill_disk_in_torch_save(m, calls=2)  # call 1: the step-2 checkpoint's trainer state
-        else:
-            fill_disk_in_metrics_append(m, appends=4)  # rows: 0, 1, 2, 3
-        rc, _, err = main(ref_args(out, cache), capfd)
+    extra = BIG_ROWS if where == "metrics_append" else []
+    if extra:  # its own uninterrupted run to compare with
+        reference = tmp_path / "reference"
+        assert train.main([str(a) for a in ref_args(reference, cache, *extra)]) == 0
+    step2 = first_half(out, cache, *extra)
+    limit = fsize_limit(where, out, step2)
+    if extra:
+        assert limit < os.path.getsize(reference / "metrics.jsonl") - 500
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto", *extra), fsize=limit)
     line = error_line(err)
-    assert rc == 3, line
-    if where == "checkpoint":
-        assert line.startswith("error: saving the checkpoint of step 4 failed: [Errno 28] No space left on device: ")
-        assert f"the previous checkpoint {step2} is intact. Free space" in line and "--resume auto" in line
-    else:
-        assert line == (f"error: {out / 'metrics.jsonl'}: No space left on device (ENOSPC); fix that (free space, "
-                        "permissions), then continue with --resume auto")
+    assert rc == 3, err
+    if where == "metrics_append":
+        assert line.startswith(f"error: {out / 'metrics.jsonl'}: File too large (EFBIG); fix that"), line
         assert not (out / "metrics.jsonl").read_text().endswith("\n")  # the torn row is there
+    else:
+        assert line.startswith("error: saving the checkpoint of step 4 failed: "), line
+        assert "File too large" in line and ("SafetensorError" if "weights" in where else "torch: [enforce fail") in line
+        assert f"the previous checkpoint {step2} is intact. Free space" in line and "--resume auto" in line
+        assert "Traceback" not in err
     assert list_checkpoints(out) == [(2, step2)] and os.listdir(out / CKPT_DIR) == ["step_000002"]
     ckpt.verify(step2)
-    rc, _, err = main(ref_args(out, cache, "--resume", "auto"), capfd)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto", *extra))
+    assert rc == 0, err
+    assert_same_run(reference, out)
+
+
+def test_real_file_size_limit_in_the_warmstart_cache_write(tmp_path, cache):
+    """The warm-start cache's model.safetensors over a real RLIMIT_FSIZE: exit 3 (a write fault, not bad
+    input), one error line naming the cache folder and saying to rerun; no cache folder (or tmp folder) is
+    left to be mistaken for a complete one, and the same command without the limit then succeeds."""
+    fresh = tmp_path / "cache"
+    argv = tiny_args(tmp_path / "run", fresh, "--max_steps", "1", "--eval.num_examples", "0")
+    rc, _, err = run_forked(argv, fsize=40_000)
+    line = error_line(err)
+    assert rc == 3, err
+    assert line.startswith(f"error: {fresh}/warmstart-") and "File too large" in line and "run the same command" in line
+    assert os.listdir(fresh) == []
+    rc, _, err = run_forked(argv)
+    assert rc == 0, err
+    assert [n for n in os.listdir(fresh) if n.startswith("warmstart-")]
+
+
+def test_real_file_size_limit_in_the_plot_keeps_the_old_png(tmp_path, reference):
+    """curves.png written under a real RLIMIT_FSIZE (in a forked child): matplotlib's write fails and
+    plot_metrics raises OSError naming curves.png (the trainer's exit 3 path), the previous curves.png is
+    unchanged and no curves.png.tmp is left."""
+    import resource
+
+    from rtpo.metrics import plot_metrics
+
+    png = tmp_path / "curves.png"
+    assert plot_metrics(str(reference / "metrics.jsonl"), str(png)) == str(png)
+    before = png.read_bytes()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            plot_metrics(str(reference / "metrics.jsonl"), str(png))
+            code = 1
+        except OSError as e:
+            code = 3 if e.errno == errno.EFBIG and str(png) == e.filename else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    assert png.read_bytes() == before and os.listdir(tmp_path) == ["curves.png"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real tmpfs of 320 KiB (root only; skipped where mounting is not allowed), unmounted after."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_tmpfs_ends_in_one_error_line_exit_3_and_resumes_exactly(small_tmpfs, cache, reference):
+    """The run folder on a real 320 KiB tmpfs: the step-2 checkpoint fits, the step-4 one does not
+    (ENOSPC, whichever library is writing): exit 3, one error line, the step-2 checkpoint intact and no
+    partial folder; after growing the tmpfs (remount), `--resume auto` finishes exactly as an
+    uninterrupted run."""
+    out = small_tmpfs / "run"
+    step2 = first_half(out, cache)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto"))
+    line = error_line(err)
+    assert rc == 3, err
+    assert "No space left on device" in line and "--resume auto" in line, line
+    assert list_checkpoints(out) == [(2, step2)] and os.listdir(out / CKPT_DIR) == ["step_000002"]
+    ckpt.verify(step2)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto"))
     assert rc == 0, err
     assert_same_run(reference, out)
 
 
 # ------------------------------------------------------------------------------ 10. crash anywhere
-def run_forked(argv, crash_at=None, timeout=120):
+def run_forked(argv, crash_at=None, timeout=120, fsize=None):
     """train.py's main(argv) in a forked copy of this process, killed with SIGKILL at write moment
-    `crash_at` (RTPO_TEST_CRASH_AT) -> (exit code, or -9 when killed; the moment; its stderr)."""
+    `crash_at` (RTPO_TEST_CRASH_AT) -> (exit code, or -9 when killed; the moment; its stderr).
+    fsize: a real RLIMIT_FSIZE (bytes per file) for the child, SIGXFSZ ignored so writes get EFBIG."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -1069,8 +1138,15 @@ def run_forked(argv, crash_at=None, timeout=120):
             os.close(r)
             os.dup2(w, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)  # not pytest's capture: the error line goes to the pipe
+            sys.stdout = open(os.devnull, "w")
             if crash_at:
                 os.environ["RTPO_TEST_CRASH_AT"] = crash_at
+            if fsize:
+                import resource
+
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             code = train.main([str(a) for a in argv])
         except BaseException:
             traceback.print_exc()
