@@ -48,27 +48,41 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARMS = {
+    # --- no hint in any prompt ---
     "grpo": ["--curriculum.schedule", "none"],
+    "grpo_sft": ["--curriculum.schedule", "none", "--loss.sft_loss", "1.0"],
+    "grpo_sft_decay": ["--curriculum.schedule", "none", "--loss.sft_loss", "1.0", "--loss.sft_decay", "linear"],
+    "sft_then_grpo": ["--curriculum.schedule", "none"],  # + --sft.steps matched to rtpo_hint_loss (sft_steps)
+    # --- hints in the prompt ---
     "rtpo_cosine": ["--curriculum.schedule", "cosine"],
     "rtpo_per_example": ["--curriculum.schedule", "cosine", "--curriculum.per_example", "true",
                          "--curriculum.hint_dropout", "0.25"],
     "rtpo_hint_loss": ["--curriculum.schedule", "cosine", "--loss.hint_loss", "1.0"],
+    "rtpo_on_demand": ["--curriculum.schedule", "constant", "--curriculum.value", "1", "--curriculum.per_example",
+                       "true", "--curriculum.per_example_start", "0"],
+    "rtpo_prefix_rft": ["--curriculum.schedule", "cosine", "--curriculum.hint_dropout", "0.5",
+                        "--loss.hint_advantage", "true", "--loss.hint_top_entropy", "0.2"],
     "rtpo_linear": ["--curriculum.schedule", "linear"],
     "rtpo_adaptive": ["--curriculum.schedule", "adaptive"],
 }
-DEFAULT_ARMS = ["grpo", "rtpo_cosine", "rtpo_per_example", "rtpo_hint_loss"]
+NON_HINT = ("grpo", "grpo_sft", "grpo_sft_decay", "sft_then_grpo")
+DEFAULT_ARMS = ["grpo", "grpo_sft", "grpo_sft_decay", "sft_then_grpo", "rtpo_cosine", "rtpo_hint_loss",
+                "rtpo_on_demand", "rtpo_prefix_rft"]
 REGIMES = {"hard": ["--preset", "hard"], "default": [],
            # the warm-start's last third never shows a trace: the model does not start reasoning on its own
-           "starved": ["--preset", "hard", "--warmstart.reasoning_fraction", "0"]}
+           "starved": ["--preset", "hard", "--warmstart.reasoning_fraction", "0"],
+           # round 3's untuned variant, fixed before its first run: another modulus, longer chains, another mix
+           "variant": ["--data.modulus", "7", "--data.min_operands", "4", "--data.max_operands", "6",
+                       "--warmstart.reasoning_fraction", "0.1"]}
 STEP_KEYS = ("step", "keep", "mean_example_keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens",
-             "completion_tokens", "zero_var_groups", "all_wrong_groups", "all_right_groups", "hint_nll", "clip_frac",
-             "entropy", "grad_norm", "time_step")
+             "completion_tokens", "zero_var_groups", "all_wrong_groups", "all_right_groups", "hint_nll", "sft_nll",
+             "clip_frac", "entropy", "grad_norm", "fwd_tokens", "sup_tokens", "time_step")
 EVAL_KEYS = ("eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens")
 FULL = {"steps": None, "seeds": "1,2,3", "eval_examples": 256, "eval_every": 20}   # None: the regime's default
 QUICK = {"steps": 24, "seeds": "1,2", "eval_examples": 128, "eval_every": 12}
 
 
-def trainer_argv(arm: str, seed: int, out: str, args) -> list:
+def trainer_argv(arm: str, seed: int, out: str, args, sft_steps: int = 0) -> list:
     """The run's overrides on top of the project defaults. More held-out rows than data.num_eval
     change the held-out set, hence the warm-start's rows: one more warm-start is built (and cached)."""
     from rtpo.cli import parse_args
@@ -87,17 +101,27 @@ def trainer_argv(arm: str, seed: int, out: str, args) -> list:
         if not sep:
             raise SystemExit(f"--set expects key=value, got {kv!r}")
         argv += [f"--{key}", val]
-    return argv + ARMS[arm]
+    extra = ["--sft.steps", str(sft_steps)] if arm == "sft_then_grpo" else []
+    return argv + ARMS[arm] + extra
 
 
-def run_arm(arm: str, seed: int, args, workdir: str, log=None) -> dict:
+def matched_sft_steps(hint_run: dict, sft_run: dict) -> int:
+    """sft_then_grpo's supervised steps: as many trace tokens as rtpo_hint_loss put through its hint loss
+    over its run (sum of sup_tokens), in steps of one rollout batch of whole responses (grpo_sft's
+    sup_tokens per step: the same prompts_per_step examples' whole responses)."""
+    hint_total = sum(s.get("sup_tokens") or 0 for s in hint_run["steps"])
+    per_step = statistics.mean(s["sup_tokens"] for s in sft_run["steps"] if s.get("sup_tokens"))
+    return max(1, round(hint_total / per_step))
+
+
+def run_arm(arm: str, seed: int, args, workdir: str, log=None, sft_steps: int = 0) -> dict:
     """Train one arm for one seed; returns its per-step and eval rows and wall time."""
     from rtpo.cli import parse_args
     from rtpo.metrics import read_metrics
     from rtpo.trainer import Trainer
 
     out = os.path.join(workdir, f"{arm}_seed{seed}")
-    cfg = parse_args(trainer_argv(arm, seed, out, args))
+    cfg = parse_args(trainer_argv(arm, seed, out, args, sft_steps=sft_steps))
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log=log or (lambda m: print(m, flush=True) if m.startswith("[warmstart]") else None))
     summary = trainer.train()
@@ -109,7 +133,15 @@ def run_arm(arm: str, seed: int, args, workdir: str, log=None) -> dict:
     evals = [{"step": r["step"], **{k: _round(r[k]) for k in EVAL_KEYS if k in r}} for r in rows
              if "eval/accuracy" in r]
     return {"arm": arm, "seed": seed, "wall_s": wall, "train_s": summary["wall_seconds"], "steps": steps,
-            "evals": evals, "skipped_updates": summary.get("skipped_updates", 0), "config": cfg.to_dict()}
+            "evals": evals, "skipped_updates": summary.get("skipped_updates", 0), "config": cfg.to_dict(),
+            "sft_steps": sft_steps, "sft_tokens": summary.get("sft_tokens", 0),
+            "fwd_tokens": sum(s.get("fwd_tokens") or 0 for s in steps) + summary.get("sft_tokens", 0)}
+
+
+def _run_job(job):
+    """A worker process's job (benchmarks run --jobs N arms side by side, one torch thread each)."""
+    arm, seed, args, workdir, sft_steps = job
+    return run_arm(arm, seed, args, workdir, sft_steps=sft_steps)
 
 
 def _round(x, digits=6):
@@ -161,11 +193,13 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
             "reward_last": [_window_mean(r["steps"], "reward", n - first_n, n) for r in rs],
             "acc_last": [_window_mean(r["steps"], "accuracy", n - first_n, n) for r in rs],
             "reasoning_last": [_window_mean(r["steps"], "reasoning_tokens", n - first_n, n) for r in rs],
-            "keep_mean": [_window_mean(r["steps"], "keep", 0, n) for r in rs],
+            "keep_mean": [_window_mean(r["steps"], "mean_example_keep", 0, n) for r in rs],  # = keep without per-example
             "keep_final": [r["steps"][-1]["keep"] for r in rs],
             "all_wrong_first20": [_window_mean(r["steps"], "all_wrong_groups", 0, 20) for r in rs],
             "all_wrong_last": [_window_mean(r["steps"], "all_wrong_groups", n - first_n, n) for r in rs],
             "wall_s": [r["wall_s"] for r in rs],
+            "fwd_tokens": [r.get("fwd_tokens") for r in rs],
+            "sup_tokens": [sum(s.get("sup_tokens") or 0 for s in r["steps"]) + (r.get("sft_tokens") or 0) for r in rs],
         }
         if arm != "grpo" and all(("grpo", r["seed"]) in by for r in rs):
             per["d_final_acc"] = [r["evals"][-1]["eval/accuracy"] - by[("grpo", r["seed"])]["evals"][-1]["eval/accuracy"]
@@ -181,7 +215,26 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
                                                 for a, s in zip(per["auc_acc"], row["seeds"])])
             row["d_eval_reasoning_ci95"] = t_interval(d_eval_reason)
         rows.append(row)
+    _versus_best_non_hint(rows, by)
     return rows
+
+
+def _versus_best_non_hint(rows: list, by: dict) -> None:
+    """Each hint arm's paired difference to the best non-hint arm (the one with the highest mean over seeds,
+    chosen separately for final accuracy and for curve area) ± 95 % t-interval."""
+    base = [r for r in rows if r["arm"] in NON_HINT]
+    if not base:
+        return
+    curve = lambda run: statistics.mean(e["eval/accuracy"] for e in run["evals"])  # noqa: E731
+    final = lambda run: run["evals"][-1]["eval/accuracy"]  # noqa: E731
+    for key, metric in (("final_acc", final), ("auc_acc", curve)):
+        best = max(base, key=lambda r: r[key][0])["arm"]
+        for row in rows:
+            if row["arm"] in NON_HINT:
+                continue
+            d = [metric(by[(row["arm"], s)]) - metric(by[(best, s)]) for s in row["seeds"] if (best, s) in by]
+            row[f"best_non_hint_{key}"] = best
+            row[f"d_best_{key}_ci95"] = t_interval(d) if d else None
 
 
 def fmt(ms, digits=3, pct=False):
@@ -207,26 +260,36 @@ def print_table(rows, meta):
           f"± 95 % t-interval half-width; 'curve' = mean accuracy over the run's evaluations (area under the "
           f"curve); 'last' = mean over the last {meta['first_n']} steps")
     print(f"start (warm-started model, same for all arms): no-hint accuracy {fmt(rows[0]['start_acc'], pct=True)} %")
-    hdr = (f"{'arm':17} {'final acc %':>13} {'Δ acc vs GRPO (pp)':>19} {'curve acc %':>13} {'Δ curve (pp)':>14} "
-           f"{'all-wrong 0-20':>15} {'all-wrong last':>15} "
-           f"{'train acc last':>15} {'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'wall s/run':>11}")
+    best = next((r for r in rows if "best_non_hint_final_acc" in r), None)
+    if best:
+        print(f"best non-hint arm: {best['best_non_hint_final_acc']} (final accuracy), {best['best_non_hint_auc_acc']} "
+              "(curve); 'Δ best' columns are paired differences to it")
+    hdr = (f"{'arm':17} {'final acc %':>13} {'Δ vs GRPO (pp)':>15} {'Δ best (pp)':>13} {'curve acc %':>13} "
+           f"{'Δ curve GRPO':>13} {'Δ curve best':>13} {'all-wrong 0-20':>15} "
+           f"{'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'fwd+bwd Mtok':>13} {'trace Mtok':>11} "
+           f"{'wall s/run':>11}")
     print(hdr)
     print("-" * len(hdr))
+    mtok = lambda ms: (ms[0] / 1e6, ms[1] / 1e6) if ms and ms[0] is not None else None  # noqa: E731
     for r in rows:
-        print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>19} "
-              f"{fmt(r['auc_acc'], pct=True):>13} {_ci(r.get('d_auc_acc_ci95'), 100):>14} "
-              f"{fmt(r['all_wrong_first20'], 2):>15} {fmt(r['all_wrong_last'], 2):>15} {fmt(r['acc_last']):>15} "
+        print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>15} "
+              f"{_ci(r.get('d_best_final_acc_ci95'), 100):>13} "
+              f"{fmt(r['auc_acc'], pct=True):>13} {_ci(r.get('d_auc_acc_ci95'), 100):>13} "
+              f"{_ci(r.get('d_best_auc_acc_ci95'), 100):>13} {fmt(r['all_wrong_first20'], 2):>15} "
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
-              f"{fmt(r['keep_mean'], 2):>10} {fmt(r['wall_s'], 0):>11}")
+              f"{fmt(r['keep_mean'], 2):>10} {fmt(mtok(r.get('fwd_tokens')), 2):>13} "
+              f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(r['wall_s'], 0):>11}")
 
 
 # ----------------------------------------------------------------------------- plot
 
-COLORS = {"grpo": "tab:gray", "rtpo_cosine": "tab:orange", "rtpo_per_example": "tab:green",
-          "rtpo_hint_loss": "tab:red", "rtpo_linear": "tab:blue", "rtpo_adaptive": "tab:purple"}
+COLORS = {"grpo": "tab:gray", "grpo_sft": "black", "grpo_sft_decay": "tab:brown", "sft_then_grpo": "tab:olive",
+          "rtpo_cosine": "tab:orange", "rtpo_per_example": "tab:green", "rtpo_hint_loss": "tab:red",
+          "rtpo_on_demand": "tab:cyan", "rtpo_prefix_rft": "tab:pink", "rtpo_linear": "tab:blue",
+          "rtpo_adaptive": "tab:purple"}
 
 
-STYLES = {"rtpo_adaptive": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
+STYLES = {"rtpo_adaptive": "--", "grpo_sft": "--", "grpo_sft_decay": "--", "sft_then_grpo": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
 
 
 def plot(runs, arms, path, title, smooth=None):
@@ -291,7 +354,8 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="24 steps, 2 seeds, 128 eval rows (under 5 min on 2 cores)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: run.max_steps)")
     ap.add_argument("--seeds", default=None, help="comma-separated run seeds (default 1,2,3)")
-    ap.add_argument("--regime", default="hard", choices=list(REGIMES), help="hard (--preset hard), starved or default")
+    ap.add_argument("--regime", default="hard", choices=list(REGIMES),
+                    help="hard (--preset hard), starved, default or variant (round 3's untuned task variant)")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     ap.add_argument("--lr", type=float, default=None, help="optim.lr for every arm (default: the project default)")
     ap.add_argument("--eval-examples", type=int, default=None, help="held-out rows (default 512: SE ~2 pp)")
@@ -301,8 +365,13 @@ def parse(argv=None):
     ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "rtpo_vs_grpo"),
                     help="run folders (metrics.jsonl, config.json, curves)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side in worker processes (one torch thread "
+                    "each; wall times then include the neighbours' load)")
     ap.add_argument("--summarize", metavar="JSON", default=None,
                     help="no training: recompute the summary, table and PNG of a results file this script wrote")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                    help="no training: the cross-regime table, round 3's criteria and the recommended arm of these "
+                         "results files (one per regime)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rtpo_vs_grpo[_quick].json); "
                     "the PNG goes beside it")
     args = ap.parse_args(argv)
@@ -338,26 +407,122 @@ def resummarize(path: str) -> dict:
     return data
 
 
+def run_all(arms: list, seeds: list, args) -> list:
+    """Every (arm, seed) run, `--jobs` at a time in worker processes (the first alone: it builds the regime's
+    cached warm-start). sft_then_grpo of a seed waits for that seed's rtpo_hint_loss and grpo_sft runs, whose
+    token counts set its sft.steps. Returned seed-major, in `arms` order."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = [(a, s) for s in seeds for a in arms]
+    deferred = [j for j in jobs if j[0] == "sft_then_grpo"]
+    if deferred and not {"rtpo_hint_loss", "grpo_sft"} <= set(arms):
+        raise SystemExit("sft_then_grpo needs the rtpo_hint_loss and grpo_sft arms (they set its sft.steps)")
+    ready = [j for j in jobs if j not in deferred]
+    done, total = {}, len(jobs)
+
+    def report(r):
+        done[(r["arm"], r["seed"])] = r
+        ev = r["evals"]
+        extra = f", sft.steps {r['sft_steps']}" if r["arm"] == "sft_then_grpo" else ""
+        print(f"[{len(done)}/{total}] {r['arm']:16s} seed {r['seed']}: no-hint acc {ev[0]['eval/accuracy']:.3f} -> "
+              f"{ev[-1]['eval/accuracy']:.3f}, keep {r['steps'][0]['keep']:.2f} -> {r['steps'][-1]['keep']:.2f}{extra}, "
+              f"{r['wall_s']:.0f} s", flush=True)
+
+    def job(arm, seed):
+        sft = matched_sft_steps(done[("rtpo_hint_loss", seed)], done[("grpo_sft", seed)]) if arm == "sft_then_grpo" else 0
+        return (arm, seed, args, args.workdir, sft)
+
+    def ready_deferred():
+        out = [j for j in deferred if ("rtpo_hint_loss", j[1]) in done and ("grpo_sft", j[1]) in done]
+        for j in out:
+            deferred.remove(j)
+        return out
+
+    report(_run_job(job(*ready.pop(0))))  # alone: builds (or loads) the warm-start every later run reuses
+    if args.jobs <= 1:  # in this process, in order; a deferred run as soon as its inputs are done
+        while ready or deferred:
+            for j in ready_deferred() or [ready.pop(0)]:
+                report(_run_job(job(*j)))
+        return [done[j] for j in jobs]
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_run_job, job(*j)) for j in ready}
+        while pending:
+            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                report(f.result())
+            for j in ready_deferred():
+                pending.add(pool.submit(_run_job, job(*j)))
+    return [done[j] for j in jobs]
+
+
+def combine(paths: list) -> dict:
+    """Across regimes (one results file each): every arm's final accuracy and its paired differences to GRPO and
+    to the regime's best non-hint arm, the success criterion of round 3 (benchmarks/results/round3_plan.md)
+    and the recommended hint arm by its rule: the highest final accuracy averaged over the regimes (ties: curve
+    area), kept only if it loses to GRPO by at most 2 points final in every regime. Prints a table; returns it."""
+    regimes = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        regimes[data["meta"]["regime"]] = {r["arm"]: r for r in data["summary"]}
+    arms = list(dict.fromkeys(a for rows in regimes.values() for a in rows))
+    hint_arms = [a for a in arms if a not in NON_HINT]
+    pp = lambda ms: "-" if not ms or ms[0] is None else _ci(ms, 100)  # noqa: E731
+    print("\n## Round 3 across regimes: final no-hint accuracy % (mean over seeds); Δ GRPO / Δ best non-hint: paired "
+          "differences in points ± 95 % t-interval half-width; curve Δ best: the same for curve area")
+    hdr = f"{'arm':17}" + "".join(f" | {r + ' final':>14} {'Δ GRPO':>13} {'Δ best':>13} {'curve Δ best':>13}"
+                                   for r in regimes)
+    print(hdr)
+    print("-" * len(hdr))
+    for arm in arms:
+        line = f"{arm:17}"
+        for rows in regimes.values():
+            r = rows.get(arm)
+            if r is None:
+                line += f" | {'-':>14} {'-':>13} {'-':>13} {'-':>13}"
+                continue
+            line += (f" | {100 * r['final_acc'][0]:14.1f} {pp(r.get('d_final_acc_ci95')):>13} "
+                     f"{pp(r.get('d_best_final_acc_ci95')):>13} {pp(r.get('d_best_auc_acc_ci95')):>13}")
+        print(line)
+    wins = []
+    for regime, rows in regimes.items():
+        for arm in hint_arms:
+            r = rows.get(arm, {})
+            for key, need in (("d_best_final_acc_ci95", 0.05), ("d_best_auc_acc_ci95", 0.10)):
+                m, h = r.get(key) or (None, None)
+                if m is not None and h is not None and m >= need and m - h > 0:
+                    wins.append((regime, arm, key, m, h))
+    complete = [a for a in hint_arms if all(a in rows for rows in regimes.values())]
+    mean = lambda a, k: statistics.mean(rows[a][k][0] for rows in regimes.values())  # noqa: E731
+    best = max(complete, key=lambda a: (mean(a, "final_acc"), mean(a, "auc_acc"))) if complete else None
+    losses = {reg: rows[best]["d_final_acc_ci95"][0] for reg, rows in regimes.items()} if best else {}
+    ok = bool(best) and all(d >= -0.02 for d in losses.values())
+    print("\ncriterion 1 (a hint arm beats the best non-hint arm by >= 5 pp final or >= 10 pp curve, interval "
+          "excluding 0): " + ("met: " + "; ".join(f"{a} in {g} ({'final' if 'final' in k else 'curve'} "
+                                                   f"{100 * m:+.1f} ± {100 * h:.1f})" for g, a, k, m, h in wins)
+                              if wins else "not met in any regime"))
+    if best:
+        print(f"recommended by the rule: {best} (mean final {100 * mean(best, 'final_acc'):.1f} % over "
+              f"{len(regimes)} regimes); Δ final vs GRPO: " +
+              ", ".join(f"{g} {100 * d:+.1f}" for g, d in losses.items()) +
+              ("; criterion 2 (never more than 2 pp below GRPO) met" if ok else "; criterion 2 NOT met"))
+    return {"regimes": list(regimes), "wins": wins, "recommended": best, "criterion2": ok, "losses": losses}
+
+
 def main(argv=None):
     args = parse(argv)
     if args.summarize:
         return resummarize(args.summarize)
+    if args.combine:
+        return combine(args.combine)
     import torch
 
     arms = args.arms.split(",")
     seeds = [int(s) for s in str(args.seeds).split(",")]
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    runs = []
-    for seed in seeds:          # seed-major: a partial run still has complete seeds for every arm
-        for arm in arms:
-            r = run_arm(arm, seed, args, args.workdir)
-            runs.append(r)
-            ev = r["evals"]
-            print(f"[{len(runs)}/{len(arms) * len(seeds)}] {arm:14s} seed {seed}: no-hint acc "
-                  f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}, reward first "
-                  f"{r['steps'][0]['reward']:.3f}, keep {r['steps'][0]['keep']:.2f} -> {r['steps'][-1]['keep']:.2f}, "
-                  f"{r['wall_s']:.0f} s", flush=True)
+    runs = run_all(arms, seeds, args)
     c = runs[0]["config"]
     n = len(runs[0]["steps"])
     first_n = max(1, min(10, n // 4))

@@ -117,6 +117,15 @@ class WarmstartConfig:
 
 
 @dataclass
+class SftConfig:
+    """Supervised training on the RL split's traces (hint-free prompt -> whole response) before the first RL
+    step of a fresh run: the SFT -> GRPO baseline for the same data. steps 0 = none."""
+    steps: int = 0
+    lr: float = 1.5e-3
+    batch_size: int = 8
+
+
+@dataclass
 class CurriculumConfig:
     """keep(step) = 1 - f(r), r = min(max(step - warmup_steps, 0) / anneal_steps, 1); see curriculum.py."""
     schedule: str = "cosine"        # constant | linear | cosine | exponential | piecewise | adaptive | none
@@ -143,6 +152,9 @@ class CurriculumConfig:
     per_example_step: float = 0.25
     per_example_target: float = 0.5
     hint_dropout: float = 0.0       # fraction of each group's rows that get no hint (they train the eval prompt)
+    # An example's own keep before its first group. 0 with per_example = hints on demand (BREAD / NuRL):
+    # no hint until the example's group is all wrong, then a hint that grows per failure, shrinks per success.
+    per_example_start: float = 1.0
 
 
 @dataclass
@@ -170,6 +182,17 @@ class LossConfig:
     num_iterations: int = 1         # passes over each rollout batch
     entropy_coef: float = 0.0
     hint_loss: float = 0.0          # weight of a log-likelihood loss on the injected hint tokens (UFT-style)
+    # Prefix-RFT: the injected hint is part of each hinted row's trajectory and its tokens get that row's
+    # advantage in the policy loss (off-policy tokens, clipped like the rest); with hint_top_entropy < 1 only
+    # that fraction of a row's hint tokens (the highest-entropy ones) do. Needs rows without the hint in the
+    # group (curriculum.hint_dropout > 0): when all G rows share the hint, the advantages sum to 0 on it.
+    hint_advantage: bool = False
+    hint_top_entropy: float = 1.0
+    # Same traces, no hint (GRPO + SFT loss): a log-likelihood loss on each step example's whole response
+    # (think opener, trace, answer, EOS) after its hint-free prompt; sft_decay linear scales it by 1 - r,
+    # r the curriculum's anneal progress (CHORD-style: 0 once the anneal ends).
+    sft_loss: float = 0.0
+    sft_decay: str = "none"         # none | linear
     importance: str = "token"       # token (PPO/GRPO ratio per token) | sequence (GSPO: length-normalised sequence ratio)
     tis_cap: float = 0.0            # > 0: truncated importance sampling against the rollout's own log-probs, weight <= cap
     tis_level: str = "token"        # token | sequence: the TIS weight per token, or one per sequence
@@ -234,6 +257,7 @@ class RTPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -521,7 +545,30 @@ def validate(cfg: RTPOConfig) -> None:
     _check_signs(cfg)
     _check_ranges(cfg)
     _check_lora(cfg.model.lora)
+    _check_trace_losses(cfg)
     check_types(cfg)  # then the generic range of every field the checks above do not name
+
+
+def _check_trace_losses(c: RTPOConfig) -> None:
+    """The knobs that use the dataset's traces besides the prompt hint (hint advantage, SFT loss, SFT first)."""
+    _choice(c.loss.sft_decay, ["none", "linear"], "loss.sft_decay")
+    for key, v in [("loss.sft_loss", c.loss.sft_loss), ("sft.steps", c.sft.steps)]:
+        _positive(v, key, allow_zero=True)
+    for key, v in [("sft.lr", c.sft.lr), ("sft.batch_size", c.sft.batch_size)]:
+        _positive(v, key)
+    for key, v in [("loss.hint_top_entropy", c.loss.hint_top_entropy),
+                   ("curriculum.per_example_start", c.curriculum.per_example_start)]:
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{key} = {v} must be in [0, 1]")
+    if c.loss.hint_advantage and c.curriculum.injection != "prefix":
+        raise ConfigError("loss.hint_advantage = true needs curriculum.injection = prefix (the hint must be the start "
+                          "of the response it is credited to); use --curriculum.injection prefix")
+    if c.loss.hint_advantage and c.loss.tis_cap > 0:
+        raise ConfigError("loss.hint_advantage = true with loss.tis_cap > 0: hint tokens have no sampler log-probs to "
+                          "correct against; use one of the two")
+    if c.sft.steps and c.loss.beta > 0:
+        raise ConfigError("sft.steps > 0 with loss.beta > 0 is not supported (the KL reference would have to be the "
+                          "post-SFT model on resume too); use --loss.beta 0")
 
 
 def _check_lora(lc: LoraConfig) -> None:

@@ -66,13 +66,24 @@ def anneal_length(c: CurriculumConfig, max_steps: int) -> int:
     return max(1, round(c.anneal_fraction * max(max_steps - c.warmup_steps, 1)))
 
 
+def anneal_progress(step: int, c: CurriculumConfig, max_steps: int) -> float:
+    """r = min(max(step - warmup, 0) / T, 1): how far the anneal is at `step` (0 before, 1 after it)."""
+    return min(max(step - c.warmup_steps, 0) / anneal_length(c, max_steps), 1.0)
+
+
+def sft_weight(step: int, weight: float, decay: str, c: CurriculumConfig, max_steps: int) -> float:
+    """loss.sft_loss at `step`: constant (`none`), or weight * (1 - r) (`linear`, CHORD-style decay to 0 at the
+    end of the curriculum's anneal)."""
+    return weight if decay == "none" else weight * (1.0 - anneal_progress(step, c, max_steps))
+
+
 def keep_ratio(step: int, c: CurriculumConfig, max_steps: int) -> float:
     """keep(step) = max(floor, 1 - f(r)), r = min(max(step - warmup, 0) / T, 1); keep = 1 during warmup."""
     if c.schedule == "adaptive":
         raise ValueError("the adaptive schedule is stateful: use Curriculum")
     if c.schedule == "constant":
         return c.value
-    r = min(max(step - c.warmup_steps, 0) / anneal_length(c, max_steps), 1.0)
+    r = anneal_progress(step, c, max_steps)
     keep = 1.0 - SCHEDULES[c.schedule](r, c)
     return min(1.0, max(c.floor, keep))
 
@@ -113,7 +124,7 @@ class Curriculum:
     def __init__(self, c: CurriculumConfig, max_steps: int):
         self.c, self.max_steps = c, max_steps
         self.adaptive_keep = 1.0
-        self.example_keep: dict[int, float] = {}  # per_example: each example's own keep (1 until observed)
+        self.example_keep: dict[int, float] = {}  # per_example: each example's own keep (per_example_start until observed)
 
     def _deadline(self, step: int) -> float:
         return keep_ratio(step, replace(self.c, schedule="linear"), self.max_steps)
@@ -129,7 +140,8 @@ class Curriculum:
         keep = self.keep(step)
         if not self.c.per_example:
             return [keep] * len(indices)
-        return [min(keep, self.example_keep.get(i, 1.0)) for i in indices]
+        start = self.c.per_example_start
+        return [min(keep, self.example_keep.get(i, start)) for i in indices]
 
     def observe(self, step: int, accuracy: float) -> None:
         if self.c.schedule == "adaptive" and step >= self.c.warmup_steps:

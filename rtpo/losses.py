@@ -150,3 +150,27 @@ def hint_nll(logp: torch.Tensor, mask: torch.Tensor, n_tokens=None) -> torch.Ten
     contributes."""
     n = mask.float().sum().clamp(min=1.0) if n_tokens is None else max(float(n_tokens), 1.0)
     return -_masked(logp, mask).sum() / n
+
+
+def hint_tokens_kept(hint_len: int, top: float) -> int:
+    """How many of a row's hint_len injected tokens enter the policy loss (loss.hint_advantage):
+    ceil(top * hint_len), all of them at top = 1, none of an empty hint."""
+    return hint_len if top >= 1 else math.ceil(top * hint_len - 1e-9)
+
+
+def hint_token_mask(mask: torch.Tensor, entropy: torch.Tensor, hint_lens: list, top: float) -> torch.Tensor:
+    """Prefix-RFT's token choice: `mask` [B, T] of rows whose first hint_lens[b] positions are injected hint
+    tokens, with only the hint_tokens_kept(h, top) highest-entropy of those left on (ties: the earlier token);
+    the rest of the mask is unchanged. entropy [B, T] is read, never differentiated."""
+    if top >= 1 or not any(hint_lens):
+        return mask
+    out = mask.clone()
+    ent = entropy.detach()
+    for b, h in enumerate(hint_lens):
+        if h == 0:
+            continue
+        k = hint_tokens_kept(h, top)
+        order = torch.sort(ent[b, :h].float(), descending=True, stable=True).indices
+        drop = order[k:]
+        out[b, drop] = 0
+    return out

@@ -36,6 +36,7 @@ class Rollout:
     answers: list = field(default_factory=list)
     questions: list = field(default_factory=list)
     images: Optional[list] = None  # per row: its rtpo.vision.ImageInputs (None: a run without images)
+    sft_targets: list = field(default_factory=list)       # per group: (hint-free prompt, whole response) ids
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -51,3 +52,25 @@ class Scores:
     group_idx: list                  # train-row index of every group (all processes')
     group_keeps: list                # hint fraction of every group (all processes')
     advantages: Optional[torch.Tensor] = None  # [rows] this process's rows
+
+
+@dataclass
+class LossRows:
+    """Every row of a Rollout as the update's log-prob passes see it: with loss.hint_advantage a hinted
+    row's prompt is the hint's context and its completion starts with the injected hint (hint_lens[r]
+    tokens, credited with the row's advantage); otherwise the rollout's own prompt and completion."""
+    prompts: list
+    completions: list
+    hint_lens: list       # per row: injected tokens at the start of its completion (0: none)
+    hint_kept: list       # per row: how many of them enter the loss (loss.hint_top_entropy)
+
+
+@dataclass
+class Supervised:
+    """One log-likelihood term of an update (hint loss or SFT loss): target rows after their contexts."""
+    name: str
+    contexts: list
+    targets: list
+    images: list
+    weight: float
+    n_tokens: int = 0     # the term's target tokens over the whole update (all processes): its normaliser

@@ -21,16 +21,16 @@ import torch
 from rtpo import checkpoint as ckpt, lora, runlock
 from rtpo.advantages import group_advantages, group_outcomes, zero_variance_fraction
 from rtpo.config import ConfigError, RTPOConfig, save as save_config
-from rtpo.curriculum import Curriculum, dropout_rows
-from rtpo.prompts import PromptBuilder, PromptTooLong
+from rtpo.curriculum import Curriculum, dropout_rows, sft_weight
+from rtpo.prompts import PromptBuilder, PromptTooLong, response_ids
 from rtpo.data import load_splits, warmstart_rows
 from rtpo.generation import SamplingConfig, draw_uniforms, generate
 from rtpo.logprobs import make_batch, row_tokens, split_by_tokens, split_even
-from rtpo.losses import hint_nll, policy_loss
+from rtpo.losses import hint_nll, hint_token_mask, hint_tokens_kept, policy_loss
 from rtpo.metrics import MetricsLog, NoLog, reduce_as, reduce_rows, before_after_table, make_reporter, plot_metrics, report_to_problem
 from rtpo.models import load_model_and_tokenizer, load_pretrained, load_tokenizer, load_vision_processor
 from rtpo.backends import Backend, LocalBackend, make_backend
-from rtpo.stages import Rollout, Scores, expand
+from rtpo.stages import LossRows, Rollout, Scores, Supervised, expand
 from rtpo.vision import vision_encoder_parameters
 from rtpo.rewards import (RESERVED, RewardError, accuracy_reward, build_reward_functions, format_reward,
                           missing_arguments, score)
@@ -70,7 +70,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-reduce_as("sum", "loss", "hint_nll")  # each process holds its share of the global loss (hint NLL: global normaliser)
+reduce_as("sum", "loss", "hint_nll", "sft_nll", "fwd_tokens", "sup_tokens")  # each process holds its share of the global loss (hint NLL: global normaliser)
 reduce_as("same", "grad_norm")  # the norm of the global gradient
 reduce_as("max", "skipped_updates")
 reduce_as("tokens", "clip_frac", "kl", "entropy", "tis_weight", "tis_truncated", "rollout_logp_gap")
@@ -83,16 +83,22 @@ class UpdateStats:
         self.t0, self.times = time.perf_counter(), {"time_old_logprobs": time_old_logprobs,
                                                     "time_reference": time_reference}
         self.sums = {k: 0.0 for k in ("tokens", "clipped_tokens", "kl_sum", "entropy_sum", "tis_weight_sum",
-                                      "tis_truncated_tokens", "logp_gap_sum", "hint_nll")}
-        self.sums.update(hint_batches=0, loss=0.0)
+                                      "tis_truncated_tokens", "logp_gap_sum", "hint_nll", "sft_nll")}
+        self.sums.update(hint_batches=0, sft_batches=0, loss=0.0, fwd_tokens=0, sup_tokens=0)
         self.grad_norms, self.skipped = [], 0
 
     def add_micro(self, st: dict) -> None:
         for k in ("tokens", "clipped_tokens", "kl_sum", "entropy_sum", "tis_weight_sum", "tis_truncated_tokens",
-                  "logp_gap_sum", "hint_nll"):
+                  "logp_gap_sum", "hint_nll", "sft_nll"):
             if k in st:
                 self.sums[k] += st[k].item() if torch.is_tensor(st[k]) else st[k]
         self.sums["hint_batches"] += "hint_nll" in st
+        self.sums["sft_batches"] += "sft_nll" in st
+
+    def add_tokens(self, forward: int, supervised: int) -> None:
+        """Tokens through a forward + backward (every pass), and the supervised target tokens among them."""
+        self.sums["fwd_tokens"] += forward
+        self.sums["sup_tokens"] += supervised
 
     def add_update(self, loss: float, grad_norm: float) -> None:
         self.sums["loss"] += loss
@@ -106,6 +112,8 @@ class UpdateStats:
                "kl": s["kl_sum"] / tok if kl else None, "entropy": s["entropy_sum"] / tok,
                "skipped_updates": self.skipped,
                "hint_nll": s["hint_nll"] / s["hint_batches"] if s["hint_batches"] else None,
+               "sft_nll": s["sft_nll"] / s["sft_batches"] if s["sft_batches"] else None,
+               "fwd_tokens": s["fwd_tokens"], "sup_tokens": s["sup_tokens"],
                "time_update": time.perf_counter() - self.t0, "time_old_logprobs": self.times["time_old_logprobs"]}
         if tis:  # per token: mean TIS weight, fraction truncated, mean |log pi_old - log pi_rollout|
             out.update(tis_weight=s["tis_weight_sum"] / tok, tis_truncated=s["tis_truncated_tokens"] / tok,
@@ -180,6 +188,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
             if self.peft is not None:  # frozen embeddings: checkpointed blocks need inputs that require grad
                 self.model.enable_input_require_grads()
+        self.sft_tokens = self._sft_first() if self.resume_from is None and cfg.sft.steps else 0
         self.ref = None
         if cfg.loss.beta > 0 and self.peft is not None:  # the base, i.e. the starting policy: adapters disabled
             self.ref = lora.AdaptersOff(self.peft)
@@ -310,6 +319,20 @@ class Trainer:
         rows = warmstart_rows(c.data, exclude, c.warmstart.num_examples, c.warmstart.max_operands)
         return warmstart(model, self.tok, self.builder, rows, c.warmstart, c.data, c.curriculum, self.device,
                          seed=c.warmstart.seed, log=self.log)
+
+    def _sft_first(self) -> int:
+        """sft.steps supervised steps on the training split's whole responses, hint-free prompts (the
+        SFT -> GRPO baseline; LoRA: the adapter trains). Returns the tokens through forward + backward."""
+        from types import SimpleNamespace
+
+        from rtpo.warmstart import train_sft
+
+        s = self.cfg.sft  # mix_from 1: every example shows its whole trace (rtpo.warmstart.reasoning_probability)
+        wc = SimpleNamespace(steps=s.steps, lr=s.lr, batch_size=s.batch_size, mix_from=1.0, reasoning_fraction=1.0)
+        self.log(f"[rtpo] sft: {s.steps} supervised steps of {s.batch_size} training examples before RL")
+        _, tokens = train_sft(self.model, self.tok, self.builder, self.train_rows, wc, self.device,
+                              seed=self.cfg.run.seed, log=lambda m: self.log(m.replace("[warmstart]", "[rtpo] sft")))
+        return tokens
 
     def _set_threads(self):
         # Small models on CPU: per-op thread synchronisation costs more than the work it splits
@@ -467,6 +490,10 @@ class Trainer:
                 ro.row_keep.append(k if hint else 0.0)
                 ro.prefixes.append(self.builder.prefix_text(e, k) if hint else "")
         ro.images = None if images is None else expand(images, G)
+        if c.loss.sft_loss > 0:
+            eos = self.tok.eos_token_id
+            ro.sft_targets = [(list(e.base), response_ids(self.builder, self.train_rows[i], e, eos))
+                              for i, e in zip(idx, encs)]
         examples = expand([self.train_rows[i] for i in idx], G)
         ro.answers, ro.questions = [ex.answer for ex in examples], [ex.question for ex in examples]
         return ro
@@ -530,7 +557,22 @@ class Trainer:
                       per_fn={k: full[:, 2 + i].tolist() for i, k in enumerate(names)},
                       group_idx=[i for g, _ in groups for i in g], group_keeps=[k for _, ks in groups for k in ks])
 
-    def _micro_batches(self, ro: Rollout, rows: list) -> list:
+    def loss_rows(self, ro: Rollout) -> LossRows:
+        """The rows as the update's log-prob passes see them (stages.LossRows). loss.hint_advantage: a
+        hinted row's injected hint moves from its prompt to the start of its completion."""
+        top = self.cfg.loss.hint_top_entropy
+        if not self.cfg.loss.hint_advantage:
+            return LossRows(ro.prompts, ro.completions, [0] * len(ro), [0] * len(ro))
+        G, prompts, comps, lens = self.cfg.rollout.num_generations, [], [], []
+        for i in range(len(ro)):
+            context, hint = ro.hint_targets[i // G]
+            hinted = ro.row_keep[i] > 0 and bool(hint)
+            prompts.append(context if hinted else ro.prompts[i])  # a group's contexts are one list: shared prefix
+            comps.append(hint + ro.completions[i] if hinted else ro.completions[i])
+            lens.append(len(hint) if hinted else 0)
+        return LossRows(prompts, comps, lens, [hint_tokens_kept(h, top) for h in lens])
+
+    def _micro_batches(self, lr: LossRows, rows: list) -> list:
         """`rows` cut into consecutive micro batches: optim.micro_batch_size rows each, or with
         optim.micro_batch_tokens at most that many real tokens each (a group's prompt counted once when
         shared). Under DDP / DeepSpeed every process must run the same fixed number of micro batches per
@@ -539,7 +581,7 @@ class Trainer:
         o = self.cfg.optim
         if o.micro_batch_tokens <= 0:
             return [rows[i:i + o.micro_batch_size] for i in range(0, len(rows), o.micro_batch_size)]
-        costs = row_tokens(ro.prompts, ro.completions, rows, share_prefix=o.packing and o.share_prefix)
+        costs = row_tokens(lr.prompts, lr.completions, rows, share_prefix=o.packing and o.share_prefix)
         fixed = getattr(self.backend, "gas", None)
         return split_even(rows, costs, fixed) if fixed else split_by_tokens(rows, costs, o.micro_batch_tokens)
 
@@ -551,10 +593,10 @@ class Trainer:
                           share_prefix=o.share_prefix, images=images)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, ro, micro, ref=False):
+    def _logprobs_no_grad(self, ro, lr, micro, ref=False):
         out = []
         for mb in micro:
-            batch = self._batch([ro.prompts[i] for i in mb], [ro.completions[i] for i in mb],
+            batch = self._batch([lr.prompts[i] for i in mb], [lr.completions[i] for i in mb],
                                 images=self._row_images(ro, mb))
             with self._autocast():
                 lp, _ = self.backend.logprobs(batch, ref=ref, with_entropy=False)
@@ -565,31 +607,32 @@ class Trainer:
         """loss.num_iterations passes over the step's rows, each in optim.mini_batches optimizer updates
         accumulated over micro batches of optim.micro_batch_size rows."""
         c = self.cfg
+        lr = self.loss_rows(ro)
         minis = [[int(i) for i in s] for s in np.array_split(np.arange(len(ro)), c.optim.mini_batches) if len(s)]
-        micro_of = [self._micro_batches(ro, mb) for mb in minis]
+        micro_of = [self._micro_batches(lr, mb) for mb in minis]
         t0 = time.perf_counter()
-        old = [self._logprobs_no_grad(ro, mic) for mic in micro_of] if self.updates_per_step > 1 else None
+        old = [self._logprobs_no_grad(ro, lr, mic) for mic in micro_of] if self.updates_per_step > 1 else None
         t1 = time.perf_counter()
-        ref = [self._logprobs_no_grad(ro, mic, ref=True) for mic in micro_of] if self.ref is not None else None
+        ref = [self._logprobs_no_grad(ro, lr, mic, ref=True) for mic in micro_of] if self.ref is not None else None
         stats = UpdateStats(time_old_logprobs=t1 - t0, time_reference=time.perf_counter() - t1)
         self.model.train()
         for it in range(c.loss.num_iterations):
             for m, (mb, micro) in enumerate(zip(minis, micro_of)):
-                n_tokens, n_seqs = self._normalizers(ro, mb)
-                hint = self._hint_rows(ro, mb) if c.loss.hint_loss else ([], [], [])
-                n_hint = int(self.comm.sum([sum(len(t) for t in hint[1])])[0]) if c.loss.hint_loss else 0
+                n_tokens, n_seqs = self._normalizers(lr, mb)
+                sup = self._supervised(ro, mb)
                 self.backend.zero_grad()
                 loss_total = 0.0
                 for j, rows in enumerate(micro):
-                    # the hint loss rides on the last micro batch: one forward/backward per micro batch,
+                    # the supervised rows ride on the last micro batch: one forward/backward per micro batch,
                     # as every backend (DeepSpeed's gradient accumulation included) expects
                     last = j == len(micro) - 1
-                    loss, st = self._micro_loss(ro, sc, rows, hint if last else ([], [], []), n_hint if last else 0,
-                                                n_tokens, n_seqs, old[m][j] if old else None, ref[m][j] if ref else None)
+                    loss, st = self._micro_loss(ro, lr, sc, rows, sup if last else [], n_tokens, n_seqs,
+                                                old[m][j] if old else None, ref[m][j] if ref else None)
                     self.backend.backward(loss)
                     loss_total += loss.item()
                     if it == 0:
                         stats.add_micro(st)
+                    stats.add_tokens(st["fwd_tokens"], st["sup_tokens"])
                 grad_norm = self.backend.step(loss_finite=math.isfinite(loss_total))
                 if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                     self.log(f"[rtpo] step {self.step}: non-finite loss ({loss_total}) or grad norm ({grad_norm}); "
@@ -597,19 +640,24 @@ class Trainer:
                 stats.add_update(loss_total, grad_norm)
         return stats.metrics(self.updates_per_step, kl=c.loss.beta > 0, tis=c.loss.tis_cap > 0)
 
-    def _micro_loss(self, ro, sc, rows, hint, n_hint, n_tokens, n_seqs, old_lp, ref_lp):
-        """Loss of one micro batch: the policy-gradient loss of `rows`, plus loss.hint_loss times the
-        negative log-likelihood of the hint targets `hint` = (contexts, targets) over the update's
-        `n_hint` hint tokens of all processes, computed in the same forward as extra rows (they never
-        enter the policy-gradient terms)."""
+    def _micro_loss(self, ro, lr, sc, rows, sup, n_tokens, n_seqs, old_lp, ref_lp):
+        """Loss of one micro batch: the policy-gradient loss of `rows` (as `lr` lays them out), plus each
+        supervised term of `sup` (hint loss, SFT loss): its weight times the negative log-likelihood of its
+        targets over the update's target tokens of all processes, computed in the same forward as extra
+        rows (they never enter the policy-gradient terms)."""
         c, n = self.cfg, len(rows)
-        comps = [ro.completions[i] for i in rows]
-        images = None if ro.images is None else self._row_images(ro, rows) + hint[2]
-        batch = self._batch([ro.prompts[i] for i in rows] + hint[0], comps + hint[1], images=images)
+        comps = [lr.completions[i] for i in rows]
+        prompts = [lr.prompts[i] for i in rows] + [x for t in sup for x in t.contexts]
+        targets = comps + [x for t in sup for x in t.targets]
+        images = None if ro.images is None else self._row_images(ro, rows) + [x for t in sup for x in t.images]
+        batch = self._batch(prompts, targets, images=images)
         with self._autocast():
             logp_all, ent_all = self.backend.logprobs(batch)
         T = max(max((len(x) for x in comps), default=0), 1)  # the policy rows' width (= old/ref passes')
         logp, mask = logp_all[:n, :T], batch["completion_mask"][:n, :T]
+        hint_lens = [lr.hint_lens[i] for i in rows]
+        if any(hint_lens):  # loss.hint_advantage: only the kept hint tokens (highest entropy) get the advantage
+            mask = hint_token_mask(mask, ent_all[:n, :T], hint_lens, c.loss.hint_top_entropy)
         loss, st = policy_loss(
             logp.float(), old_lp[:, :T] if old_lp is not None else logp.detach(),
             sc.advantages[rows].to(self.device), mask, loss_type=c.loss.loss_type, eps_low=c.loss.epsilon_low,
@@ -618,10 +666,16 @@ class Trainer:
             n_seqs=n_seqs, n_tokens=n_tokens, max_len=c.rollout.max_new_tokens, importance=c.loss.importance,
             rollout_logp=self._rollout_logprobs(ro, rows, T), tis_cap=c.loss.tis_cap, tis_level=c.loss.tis_level)
         st["tokens"] = int(mask.sum().item())
-        if hint[0]:  # the normaliser is global, as the policy loss's: the processes' shares sum to the whole
-            nll = hint_nll(logp_all[n:].float(), batch["completion_mask"][n:], n_tokens=n_hint)
-            loss = loss + c.loss.hint_loss * nll
-            st["hint_nll"] = nll.item()
+        st["fwd_tokens"] = sum(row_tokens(prompts, targets, list(range(len(prompts))),
+                                          share_prefix=c.optim.packing and c.optim.share_prefix))
+        st["sup_tokens"] = sum(len(x) for t in sup for x in t.targets)
+        lo = n
+        for t in sup:  # the normaliser is global, as the policy loss's: the processes' shares sum to the whole
+            hi = lo + len(t.targets)
+            nll = hint_nll(logp_all[lo:hi].float(), batch["completion_mask"][lo:hi], n_tokens=t.n_tokens)
+            loss = loss + t.weight * nll
+            st[f"{t.name}_nll"] = nll.item()
+            lo = hi
         return loss, st
 
     def _rollout_logprobs(self, ro, rows, T):
@@ -634,23 +688,38 @@ class Trainer:
             out[a, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
         return out.to(self.device)
 
-    def _hint_rows(self, ro, rows) -> tuple[list, list, list]:
-        """(contexts, targets, images) of the hint loss for the groups that start in `rows` and carry a hint
-        (images: each context's images, [] for a run without images)."""
-        G = self.cfg.rollout.num_generations
-        starts = [i for i in rows if i % G == 0 and ro.hint_targets[i // G][1]]
-        pairs = [ro.hint_targets[i // G] for i in starts]
-        return [p for p, _ in pairs], [t for _, t in pairs], self._row_images(ro, starts) or []
+    def _supervised(self, ro, rows) -> list:
+        """The update's supervised terms for the groups that start in `rows`: the hint loss (groups that carry
+        a hint: the injected text after its context) and the SFT loss (every group: the whole response after
+        the hint-free prompt), each with its weight at this step and its global token count."""
+        c, G = self.cfg, self.cfg.rollout.num_generations
+        starts = [i for i in rows if i % G == 0]
+        terms = []
+        if c.loss.hint_loss:
+            hinted = [i for i in starts if ro.hint_targets[i // G][1]]
+            terms.append(Supervised("hint", [ro.hint_targets[i // G][0] for i in hinted],
+                                    [ro.hint_targets[i // G][1] for i in hinted], self._row_images(ro, hinted) or [],
+                                    c.loss.hint_loss))
+        w = sft_weight(self.step, c.loss.sft_loss, c.loss.sft_decay, c.curriculum, c.run.max_steps)
+        if c.loss.sft_loss and w > 0:
+            terms.append(Supervised("sft", [ro.sft_targets[i // G][0] for i in starts],
+                                    [ro.sft_targets[i // G][1] for i in starts], self._row_images(ro, starts) or [], w))
+        counts = self.comm.sum([sum(len(x) for x in t.targets) for t in terms]) if terms else []
+        for t, n in zip(terms, counts):
+            t.n_tokens = int(n)
+        return [t for t in terms if t.n_tokens]
 
     @staticmethod
     def _row_images(ro, rows) -> list | None:
         """The images of rollout rows `rows` (None for a run without images)."""
         return None if ro.images is None else [ro.images[i] for i in rows]
 
-    def _normalizers(self, ro, rows) -> tuple:
-        """(completion tokens, sequences) of the update that `rows` belong to: the loss normalisers.
-        Counted over all processes: each process's loss is its share of the global loss."""
-        n_tokens, n_seqs = self.comm.sum([sum(len(ro.completions[i]) for i in rows), len(rows)])
+    def _normalizers(self, lr: LossRows, rows) -> tuple:
+        """(policy-loss tokens, sequences) of the update that `rows` belong to: the loss normalisers.
+        Counted over all processes: each process's loss is its share of the global loss. A row's tokens are
+        its completion's, its injected hint counted only for the tokens that enter the loss."""
+        own = sum(len(lr.completions[i]) - lr.hint_lens[i] + lr.hint_kept[i] for i in rows)
+        n_tokens, n_seqs = self.comm.sum([own, len(rows)])
         return int(n_tokens), int(n_seqs)
 
     # computed from the gathered rewards (or the same on every process): already global
@@ -932,7 +1001,7 @@ class Trainer:
         summary = {"steps": self.step, "checkpoint": path, "wall_seconds": seconds,
                    "eval_before": {k: v for k, v in (first_eval or {}).items() if k.startswith("eval/")},
                    "eval_after": {k: v for k, v in (last_eval or {}).items() if k.startswith("eval/")},
-                   "skipped_updates": self.skipped_total,
+                   "skipped_updates": self.skipped_total, "sft_tokens": self.sft_tokens,
                    "truncated_traces": {"train": self.train_truncated, "eval": self.eval_truncated},
                    "dropped_rows": {"train": self.train_dropped, "eval": self.eval_dropped}}
         if c.log.plot:

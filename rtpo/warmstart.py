@@ -71,7 +71,8 @@ def reasoning_probability(step: int, wc) -> float:
 
 
 def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, seed=0, log=print):
-    """AdamW on response tokens only, cosine LR decay. Returns the final mean loss."""
+    """AdamW on response tokens only, cosine LR decay. Returns (the final mean loss, tokens through
+    forward + backward: prompts and responses, padding excluded)."""
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id
     encs = [(ex, builder.encode(ex)) for ex in examples]
@@ -82,12 +83,13 @@ def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, se
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(wc.steps, 1), 1.0))))
     model.train()
-    recent = []
+    recent, tokens = [], 0
     for step in range(wc.steps):
         p = reasoning_probability(step, wc)
         picked = rng.sample(data, min(wc.batch_size, len(data)))
         batch = [(base, full if rng.random() < p else short) for base, full, short, _ in picked]
         ids, attn, labels = sft_batch(batch, tokenizer.pad_token_id, device)
+        tokens += int(attn.sum())
         loss = model(input_ids=ids, attention_mask=attn, labels=labels,
                      **image_inputs(model, builder, [enc for *_, enc in picked], ids, attn, device)).loss
         opt.zero_grad(set_to_none=True)
@@ -98,7 +100,7 @@ def train_sft(model, tokenizer, builder: PromptBuilder, examples, wc, device, se
         recent = (recent + [loss.item()])[-50:]
         if (step + 1) % 100 == 0 or step + 1 == wc.steps:
             log(f"[warmstart] step {step + 1}/{wc.steps} loss {sum(recent) / len(recent):.4f}")
-    return sum(recent) / max(len(recent), 1)
+    return sum(recent) / max(len(recent), 1), tokens
 
 
 def warmstart(model, tokenizer, builder, examples, wc, dc, cc, device, seed=0, log=print):

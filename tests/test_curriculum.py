@@ -242,3 +242,29 @@ def test_hint_target_is_exactly_the_injected_text():
         else:
             assert prompt[:len(ctx) + len(tgt)] == ctx + tgt
         assert b.hint_target(enc, 0.0) == (enc.base, [])
+
+
+def test_hints_on_demand_start_without_a_hint_and_grow_only_after_failures():
+    """per_example_start 0 (hints on demand, BREAD / NuRL): an example has no hint until its group is all
+    wrong; each all-wrong group adds per_example_step, a solved one removes it; the state round-trips."""
+    c = cc(schedule="constant", value=1.0, per_example=True, per_example_start=0.0, per_example_step=0.25,
+           per_example_target=0.5)
+    cur = Curriculum(c, 100)
+    assert cur.example_keeps(0, [3, 7]) == [0.0, 0.0]
+    cur.observe_examples([3, 7], [0.0, 0.0], [0.0, 0.75])  # 3 all wrong, 7 solved
+    assert cur.example_keeps(1, [3, 7]) == [0.25, 0.0]
+    cur.observe_examples([3], [0.25], [0.0])
+    assert cur.example_keeps(2, [3]) == [0.5]
+    cur.observe_examples([3], [0.5], [1.0])
+    assert cur.example_keeps(3, [3, 9]) == [0.25, 0.0]
+    again = Curriculum(c, 100)
+    again.load_state_dict(cur.state_dict())
+    assert again.example_keeps(3, [3, 9]) == [0.25, 0.0]
+
+
+def test_sft_weight_is_constant_or_decays_to_zero_with_the_anneal():
+    from rtpo.curriculum import sft_weight
+
+    c = cc(schedule="none", warmup_steps=2, anneal_steps=8)
+    assert [sft_weight(s, 0.5, "none", c, 20) for s in (0, 5, 19)] == [0.5, 0.5, 0.5]
+    assert [sft_weight(s, 0.5, "linear", c, 20) for s in (0, 2, 6, 10, 15)] == [0.5, 0.5, 0.25, 0.0, 0.0]

@@ -316,6 +316,11 @@ SCENARIOS = {
     # RTPO's adaptive hints: per-example keeps (gathered from every process), hint dropout, hint loss
     "zero1_hints": (["--curriculum.per_example", "true", "--curriculum.per_example_step", "0.5",
                      "--curriculum.hint_dropout", "0.34", "--loss.hint_loss", "0.5"], "zero1", 3),
+    # round 3's same-data and literature knobs: SFT loss on whole responses (linear decay), the hint credited with
+    # the rows' advantage (top half by entropy), hints on demand; sup rows and hint tokens across 2 processes
+    "zero2_trace": (["--loss.sft_loss", "0.5", "--loss.sft_decay", "linear", "--loss.hint_advantage", "true",
+                     "--loss.hint_top_entropy", "0.5", "--curriculum.hint_dropout", "0.5", "--curriculum.per_example",
+                     "true", "--curriculum.per_example_start", "0.5"], "zero2", 3),
     # LoRA: only the adapters in the optimizer; beta > 0 with the reference = the policy with adapters
     # disabled (no reference engine); ZeRO-3 partitions the frozen base too; 2 passes (old log-probs)
     "zero2_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"], "zero2", 3),

@@ -322,3 +322,33 @@ def test_importance_registry_and_config_accept_the_same_names():
     assert parse_args(["--loss.importance", "sequence", "--loss.tis_cap", "2"]).loss.importance == "sequence"
     with pytest.raises(ConfigError, match="loss.importance = 'seq'"):
         parse_args(["--loss.importance", "seq"])
+
+
+def test_hint_tokens_kept_is_the_ceiling_of_the_fraction():
+    from rtpo.losses import hint_tokens_kept
+
+    assert [hint_tokens_kept(h, 0.2) for h in (0, 1, 5, 6, 10, 11)] == [0, 1, 1, 2, 2, 3]
+    assert hint_tokens_kept(7, 1.0) == 7 and hint_tokens_kept(7, 0.0) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hint_token_mask_keeps_the_highest_entropy_hint_tokens_only(seed):
+    """Prefix-RFT's choice: of each row's first h (hint) positions only the ceil(top * h) highest-entropy stay
+    on, found by a brute-force reference; positions after the hint and rows without one are untouched,
+    padding (mask 0) never turns on, whatever its (poisoned) entropy."""
+    from rtpo.losses import hint_token_mask, hint_tokens_kept
+
+    g = torch.Generator().manual_seed(seed)
+    B, T, top = 4, 12, 0.3
+    mask = torch.ones(B, T)
+    mask[:, 9:] = 0  # padding
+    entropy = torch.rand(B, T, generator=g)
+    entropy[:, 9:] = 1e6  # poisoned padding
+    hint_lens = [0, 3, 7, 9]
+    out = hint_token_mask(mask, entropy, hint_lens, top)
+    for b, h in enumerate(hint_lens):
+        k = hint_tokens_kept(h, top)
+        chosen = sorted(range(h), key=lambda t: -entropy[b, t].item())[:k]
+        want = [1.0 if (t >= h and t < 9) or t in chosen else 0.0 for t in range(T)]
+        assert out[b].tolist() == want, (b, h)
+    assert torch.equal(hint_token_mask(mask, entropy, hint_lens, 1.0), mask)

@@ -253,3 +253,111 @@ def test_token_budget_micro_batches_leave_the_update_unchanged(tmp_path):
     assert counts - {3}  # other cuts than the row count's
     t.backend.gas = 2  # as DDP / DeepSpeed: the count is fixed
     assert len(t._micro_batches(ro, rows)) == 2
+
+
+def _reference_grads(model, rows, advantages, n_tokens):
+    """float64 gradient of -sum_r A_r * sum_t log p(comp_r,t) / n_tokens over rows (prompt, comp), each its
+    own unpadded sequence: the on-policy policy-gradient of the dapo loss (ratio 1)."""
+    import copy
+
+    ref = copy.deepcopy(model).double().train()
+    loss = torch.zeros((), dtype=torch.float64)
+    for (prompt, comp), a in zip(rows, advantages.tolist()):
+        logp = torch.log_softmax(ref(input_ids=torch.tensor([prompt + comp])).logits[0].double(), -1)
+        tok = logp[len(prompt) - 1:len(prompt) + len(comp) - 1].gather(1, torch.tensor(comp)[:, None])
+        loss = loss - a * tok.sum()
+    (loss / n_tokens).backward()
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def _close(grads, ref, rtol=1e-4):
+    scale = max(r.abs().max().item() for r in ref.values())
+    return max((grads[k].double() - ref[k]).abs().max().item() for k in ref) <= rtol * scale
+
+
+def test_hint_advantage_credits_the_injected_hint_with_the_rows_advantage(tmp_path):
+    """loss.hint_advantage (Prefix-RFT): the update's gradient equals a float64 reference in which each hinted
+    row is the sequence context + hint + completion, every hint and completion token weighted by the row's
+    advantage, and hint-free rows are as in plain GRPO. The same reference without the hint's credit does
+    not match (the test can fail)."""
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--curriculum.schedule", "constant",
+                               "--curriculum.value", "0.6", "--curriculum.hint_dropout", "0.5", "--G", "4",
+                               "--loss.hint_advantage", "true", "--rollout.max_new_tokens", "8",
+                               "--eval.num_examples", "0"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    sc.advantages = torch.linspace(-1.0, 1.0, len(ro))
+    (grads,), _ = update_grads(t, ro, sc)
+    credited, plain = [], []
+    for i in range(len(ro)):
+        context, hint = ro.hint_targets[i // 4]
+        if ro.row_keep[i] > 0:
+            assert hint and ro.prompts[i] == context + hint
+            credited.append((context, hint + ro.completions[i]))
+        else:
+            assert ro.prompts[i] == t.builder.build(t.train_enc[ro.idx[i // 4]], 0.0)[0]
+            credited.append((ro.prompts[i], ro.completions[i]))
+        plain.append((ro.prompts[i], ro.completions[i]))
+    assert sum(r > 0 for r in ro.row_keep) == len(ro) // 2
+    n_credited = sum(len(c) for _, c in credited)
+    assert _close(grads, _reference_grads(t.model, credited, sc.advantages, n_credited))
+    assert not _close(grads, _reference_grads(t.model, plain, sc.advantages, sum(len(c) for _, c in plain)), 1e-2)
+
+
+def test_sft_loss_trains_the_whole_response_after_the_hint_free_prompt(tmp_path):
+    """loss.sft_loss (GRPO + SFT loss on the same traces): each group's target is its example's whole response
+    (think opener, trace, answer, EOS) after the evaluation prompt, even while the policy's prompts carry a
+    hint; the logged sft_nll is the float64 mean NLL of all those target tokens; the linear decay's weight
+    leaves the update untouched once the anneal ends (same gradient as sft_loss 0)."""
+    from rtpo.prompts import response_ids
+
+    cfg = parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--loss.sft_loss", "0.5", "--loss.sft_decay",
+                               "linear", "--eval.num_examples", "0"))
+    t = Trainer(cfg, log=lambda m: None)
+    ro = t.rollout(0)
+    sc = t.score(ro)
+    assert ro.keep == 1.0
+    for g, i in enumerate(ro.idx):
+        enc, ex = t.train_enc[i], t.train_rows[i]
+        context, target = ro.sft_targets[g]
+        assert context == t.builder.build(enc, 0.0)[0] and target == response_ids(t.builder, ex, enc, t.tok.eos_token_id)
+        assert t.tok.decode(target).rstrip().endswith(ex.answer + t.tok.decode([t.tok.eos_token_id]))
+    _, m = update_grads(t, ro, sc)
+    ref = __import__("copy").deepcopy(t.model).double()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for context, target in ro.sft_targets:
+            logp = torch.log_softmax(ref(input_ids=torch.tensor([context + target])).logits[0], -1)
+            total -= logp[len(context) - 1:-1].gather(1, torch.tensor(target)[:, None]).sum().item()
+            n += len(target)
+    assert m["sft_nll"] == pytest.approx(total / n, rel=1e-5) and m["sup_tokens"] == n
+    t.step = cfg.run.max_steps - 1  # past the anneal: weight 0
+    late, m_late = update_grads(t, ro, sc)
+    t.cfg.loss.sft_loss = 0.0
+    none, _ = update_grads(t, ro, sc)
+    assert m_late["sft_nll"] is None and all(torch.equal(late[0][k], none[0][k]) for k in none[0])
+
+
+def test_resume_is_exact_with_sft_first_sft_loss_hint_advantage_and_hints_on_demand(tmp_path):
+    """The round-3 knobs keep resume exact (4 steps == 2 + resume + 2): the SFT phase runs once, before step 0
+    of a fresh run (its tokens in summary.json; a resumed run does not repeat it), and it changes the
+    starting weights; hints on demand start hint-free."""
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    knobs = ("--sft.steps", "3", "--sft.batch_size", "4", "--loss.sft_loss", "0.5", "--loss.sft_decay", "linear",
+             "--loss.hint_advantage", "true", "--loss.hint_top_entropy", "0.5", "--curriculum.hint_dropout", "0.5",
+             "--curriculum.per_example", "true", "--curriculum.per_example_start", "0", "--curriculum.schedule",
+             "constant", "--curriculum.value", "1", "--G", "4", "--data.num_train", "2")  # the 2 examples recur
+    sa = run(tiny_args(a, cache, *knobs))
+    run(tiny_args(b, cache, *knobs, "--run.stop_after_steps", "2"))
+    sb = run(tiny_args(b, cache, *knobs, "--resume", "auto"))
+    ra, rb = (strip_times(read_metrics(d / "metrics.jsonl")) for d in (a, b))
+    assert ra == rb
+    assert sa["sft_tokens"] > 0 and sb["sft_tokens"] == 0
+    steps = [r for r in ra if "reward" in r]
+    assert steps[0]["mean_example_keep"] == 0.0 and any(r["mean_example_keep"] > 0 for r in steps)
+    assert all(r["fwd_tokens"] > 0 for r in steps)
+    no_sft = Trainer(parse_args(tiny_args(tmp_path / "c", cache, "--eval.num_examples", "0")), log=lambda m: None)
+    with_sft = Trainer(parse_args(tiny_args(tmp_path / "d", cache, "--eval.num_examples", "0", "--sft.steps", "3")),
+                       log=lambda m: None)
+    assert any(not torch.equal(x, y) for x, y in zip(no_sft.model.parameters(), with_sft.model.parameters()))
