@@ -43,9 +43,11 @@ def main(argv=None) -> int:
     except TrainingError as e:  # e.g. repeated non-finite updates; the last good state was saved
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
-    except OSError as e:  # a file-system fault (unreadable file, full disk, read-only folder): 2 in setup, 3 later
+    except OSError as e:  # a file-system fault (unreadable file, full disk, read-only folder): 2 in setup, 3 later;
+        # a failed write (full disk, file-size limit) is 3 even in setup (the warm-start cache write): not bad input
+        full = e.errno in _WRITE_FAULTS
         print(f"error: {_os_error(e, trainer is None)}", file=sys.stderr)
-        return 2 if trainer is None else 3
+        return 2 if trainer is None and not full else 3
     except ModuleNotFoundError as e:  # an optional package a feature needs
         if not e.name or e.name.split(".")[0] in ("rtpo", "kernels"):
             raise  # our own module: a bug, keep the traceback
@@ -58,12 +60,19 @@ def main(argv=None) -> int:
     finally:
         # the DDP wrapper (its reducer) holds the process group: free it while the group is alive, or gloo's
         # threads may be destroyed at interpreter exit ("terminate called without an active exception")
-        trainer = None
-        gc.collect()
+        if trainer is not None or _distributed():  # gc takes 0.1-0.2 s: not for a config error in one process
+            trainer = None
+            gc.collect()
         shutdown(synchronize=finished)
     if is_main_process():
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _one_line(e: BaseException) -> str:
@@ -74,11 +83,17 @@ def _one_line(e: BaseException) -> str:
 _PIP_NAMES = {"yaml": "pyyaml"}  # import name -> pip name, where they differ
 
 
+_WRITE_FAULTS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+
+
 def _os_error(e: OSError, setup: bool) -> str:
     """The file and the system's reason, then what to do (errno names the class of fault)."""
-    what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e)
-    fix = ("check that path and its permissions" if setup
-           else "fix that (free space, permissions), then continue with --resume auto")
+    what = f"{e.filename}: {_one_line(e.strerror)}" if e.filename and e.strerror else _one_line(e)
+    if setup and e.errno in _WRITE_FAULTS:
+        fix = "free space (or raise the file-size limit), then run the same command again"
+    else:
+        fix = ("check that path and its permissions" if setup
+               else "fix that (free space, permissions), then continue with --resume auto")
     return f"{what} ({errno.errorcode.get(e.errno, 'OSError')}); {fix}"
 
 

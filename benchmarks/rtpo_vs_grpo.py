@@ -369,6 +369,9 @@ def parse(argv=None):
                     "each; wall times then include the neighbours' load)")
     ap.add_argument("--summarize", metavar="JSON", default=None,
                     help="no training: recompute the summary, table and PNG of a results file this script wrote")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                    help="no training: the cross-regime table, round 3's criteria and the recommended arm of these "
+                         "results files (one per regime)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rtpo_vs_grpo[_quick].json); "
                     "the PNG goes beside it")
     args = ap.parse_args(argv)
@@ -430,23 +433,89 @@ def run_all(arms: list, seeds: list, args) -> list:
         sft = matched_sft_steps(done[("rtpo_hint_loss", seed)], done[("grpo_sft", seed)]) if arm == "sft_then_grpo" else 0
         return (arm, seed, args, args.workdir, sft)
 
+    def ready_deferred():
+        out = [j for j in deferred if ("rtpo_hint_loss", j[1]) in done and ("grpo_sft", j[1]) in done]
+        for j in out:
+            deferred.remove(j)
+        return out
+
     report(_run_job(job(*ready.pop(0))))  # alone: builds (or loads) the warm-start every later run reuses
+    if args.jobs <= 1:  # in this process, in order; a deferred run as soon as its inputs are done
+        while ready or deferred:
+            for j in ready_deferred() or [ready.pop(0)]:
+                report(_run_job(job(*j)))
+        return [done[j] for j in jobs]
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         pending = {pool.submit(_run_job, job(*j)) for j in ready}
         while pending:
             finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for f in finished:
                 report(f.result())
-            for j in [j for j in deferred if ("rtpo_hint_loss", j[1]) in done and ("grpo_sft", j[1]) in done]:
-                deferred.remove(j)
+            for j in ready_deferred():
                 pending.add(pool.submit(_run_job, job(*j)))
     return [done[j] for j in jobs]
+
+
+def combine(paths: list) -> dict:
+    """Across regimes (one results file each): every arm's final accuracy and its paired differences to GRPO and
+    to the regime's best non-hint arm, the success criterion of round 3 (benchmarks/results/round3_plan.md)
+    and the recommended hint arm by its rule: the highest final accuracy averaged over the regimes (ties: curve
+    area), kept only if it loses to GRPO by at most 2 points final in every regime. Prints a table; returns it."""
+    regimes = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        regimes[data["meta"]["regime"]] = {r["arm"]: r for r in data["summary"]}
+    arms = list(dict.fromkeys(a for rows in regimes.values() for a in rows))
+    hint_arms = [a for a in arms if a not in NON_HINT]
+    pp = lambda ms: "-" if not ms or ms[0] is None else _ci(ms, 100)  # noqa: E731
+    print("\n## Round 3 across regimes: final no-hint accuracy % (mean over seeds); Δ GRPO / Δ best non-hint: paired "
+          "differences in points ± 95 % t-interval half-width; curve Δ best: the same for curve area")
+    hdr = f"{'arm':17}" + "".join(f" | {r + ' final':>14} {'Δ GRPO':>13} {'Δ best':>13} {'curve Δ best':>13}"
+                                   for r in regimes)
+    print(hdr)
+    print("-" * len(hdr))
+    for arm in arms:
+        line = f"{arm:17}"
+        for rows in regimes.values():
+            r = rows.get(arm)
+            if r is None:
+                line += f" | {'-':>14} {'-':>13} {'-':>13} {'-':>13}"
+                continue
+            line += (f" | {100 * r['final_acc'][0]:14.1f} {pp(r.get('d_final_acc_ci95')):>13} "
+                     f"{pp(r.get('d_best_final_acc_ci95')):>13} {pp(r.get('d_best_auc_acc_ci95')):>13}")
+        print(line)
+    wins = []
+    for regime, rows in regimes.items():
+        for arm in hint_arms:
+            r = rows.get(arm, {})
+            for key, need in (("d_best_final_acc_ci95", 0.05), ("d_best_auc_acc_ci95", 0.10)):
+                m, h = r.get(key) or (None, None)
+                if m is not None and h is not None and m >= need and m - h > 0:
+                    wins.append((regime, arm, key, m, h))
+    complete = [a for a in hint_arms if all(a in rows for rows in regimes.values())]
+    mean = lambda a, k: statistics.mean(rows[a][k][0] for rows in regimes.values())  # noqa: E731
+    best = max(complete, key=lambda a: (mean(a, "final_acc"), mean(a, "auc_acc"))) if complete else None
+    losses = {reg: rows[best]["d_final_acc_ci95"][0] for reg, rows in regimes.items()} if best else {}
+    ok = bool(best) and all(d >= -0.02 for d in losses.values())
+    print("\ncriterion 1 (a hint arm beats the best non-hint arm by >= 5 pp final or >= 10 pp curve, interval "
+          "excluding 0): " + ("met: " + "; ".join(f"{a} in {g} ({'final' if 'final' in k else 'curve'} "
+                                                   f"{100 * m:+.1f} ± {100 * h:.1f})" for g, a, k, m, h in wins)
+                              if wins else "not met in any regime"))
+    if best:
+        print(f"recommended by the rule: {best} (mean final {100 * mean(best, 'final_acc'):.1f} % over "
+              f"{len(regimes)} regimes); Δ final vs GRPO: " +
+              ", ".join(f"{g} {100 * d:+.1f}" for g, d in losses.items()) +
+              ("; criterion 2 (never more than 2 pp below GRPO) met" if ok else "; criterion 2 NOT met"))
+    return {"regimes": list(regimes), "wins": wins, "recommended": best, "criterion2": ok, "losses": losses}
 
 
 def main(argv=None):
     args = parse(argv)
     if args.summarize:
         return resummarize(args.summarize)
+    if args.combine:
+        return combine(args.combine)
     import torch
 
     arms = args.arms.split(",")

@@ -69,16 +69,90 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors, tokenizers) report errno
+# torch's archive writer reports a failed write without an errno
+_WRITE_FAILED = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
+
+
+def write_fault(e: BaseException, path: str):
+    """An OSError for what a library raised when a write failed (a full disk, a file-size limit), or
+    None when `e` is something else. safetensors raises SafetensorError("File too large (os error
+    27)"), torch RuntimeError("[enforce fail at inline_container.cc:...] ... file write failed"):
+    neither is an OSError, so callers that handle write faults (exit 3, previous checkpoint intact)
+    would miss them."""
+    if isinstance(e, OSError):
+        if not e.filename:
+            e.filename = path
+        return e
+    text = " ".join(str(e).split())
+    m = _OS_ERROR.search(text)
+    if m:
+        code = int(m.group(1))
+        return OSError(code, f"{os.strerror(code)} ({type(e).__name__} while writing)", path)
+    if isinstance(e, RuntimeError) and any(w in text for w in _WRITE_FAILED):
+        code = _likely_errno(path)  # torch names no errno: find which limit the write ran into
+        return OSError(code, f"{os.strerror(code)} (torch: {text[:120]})", path)
+    return None
+
+
+def _likely_errno(path: str) -> int:
+    """ENOSPC when the file system of `path` is (nearly) full, EFBIG under a file-size limit, else EIO."""
+    import resource
+
+    folder = path
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder or ".")
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return errno.ENOSPC
+    except OSError:
+        pass
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return errno.EIO
+
+
+def writing(path: str):
+    """Context manager: a library's write failure inside becomes an OSError naming `path` (write_fault)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield
+        except Exception as e:
+            err = write_fault(e, path)
+            if err is None or err is e:
+                raise
+            raise err from e
+
+    return cm()
+
+
 def replace_file(path: str, write) -> None:
     """write(tmp_path), fsync, then rename over `path`: a reader (or a resumed run) finds the old
     file or the new one, never a torn one. One writer per run folder (the run lock), so the tmp
-    name is fixed and a killed writer's leftover is simply overwritten."""
+    name is fixed and a killed writer's leftover is simply overwritten. A write that fails (a full
+    disk) removes the tmp file and raises OSError naming `path`; the old file stays."""
     tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        with writing(path):
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        with contextlib_suppress():
+            os.remove(tmp)
+        raise
     crash_point(f"{os.path.basename(path)}: written, not yet renamed")
     os.replace(tmp, path)
+
+
+def contextlib_suppress():
+    import contextlib
+
+    return contextlib.suppress(OSError)
 
 
 def write_json(path: str, obj) -> None:
@@ -227,7 +301,8 @@ def save_checkpoint(run_dir: str, step: int, write_fn, keep_last: int = 2) -> st
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     try:
-        write_fn(tmp)
+        with writing(tmp):
+            write_fn(tmp)
         pause = float(os.environ.get("RTPO_TEST_PAUSE_IN_SAVE", "0") or 0)
         if pause:  # test hook: a window in which a kill leaves a half-written checkpoint
             print(f"[rtpo] pausing {pause}s inside checkpoint save ({tmp})", flush=True)
@@ -358,7 +433,8 @@ def write_atomically(dest: str, write) -> str:
     tmp = f"{dest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
+        with writing(dest):
+            write(tmp)
         _fsync_tree(tmp)  # the data reaches the disk before the rename can
         crash_point(f"folder {os.path.basename(dest)}: written, not yet renamed")
         try:

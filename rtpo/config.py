@@ -45,9 +45,9 @@ class LoraConfig:
     alpha: float = 16.0             # the adapter's output is scaled by alpha / r
     # 0 by default: dropout makes the no-grad old/reference passes and the update's forward disagree
     dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: str = "none"              # none | all | lora_only: which biases train too
-    modules_to_save: list = field(default_factory=list)  # whole modules trained and saved beside the adapter
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules trained and saved beside the adapter
 
 
 @dataclass
@@ -135,8 +135,8 @@ class CurriculumConfig:
     floor: float = 0.0              # keep never goes below this
     value: float = 1.0              # keep for `constant`
     decay_rate: float = 5.0         # k for `exponential`
-    milestones: list = field(default_factory=lambda: [0.3, 0.6, 0.9])
-    values: list = field(default_factory=lambda: [0.2, 0.5, 0.8, 1.0])
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])
+    values: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8, 1.0])
     granularity: str = "token"      # token | line (the kept part never ends mid-line)
     injection: str = "prefix"       # prefix (hint opens the assistant turn) | turn (a closed earlier turn)
     think_open: str = "<think>"
@@ -165,7 +165,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    stop_strings: list = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
     share_prefix: bool = True
     cache: str = "dynamic"          # dynamic | static
     batch_size: int = 0             # rows decoded at once; 0 = all
@@ -221,7 +221,7 @@ class RewardConfig:
     accuracy: float = 1.0
     format: float = 0.1
     length_penalty: float = 0.0     # weight of -(completion tokens / max_new_tokens)
-    custom: dict = field(default_factory=dict)
+    custom: dict[str, float] = field(default_factory=dict)
     boxed: float = 0.0              # strict \boxed{answer}
     gsm8k: float = 0.0              # strict "#### answer"
     json_answer: float = 0.0        # ```json {"answer": ...}``` block (the original work's format)
@@ -375,11 +375,15 @@ def coerce(value: Any, tp, key: str) -> Any:
                 raise ValueError
             return str(value)
         if tp is list or origin is list:
+            elem = (typing.get_args(tp) or (None,))[0]
+            if isinstance(value, str) and not value.strip().startswith("["):  # a,b,c: items typed by the field
+                value = [v for v in value.split(",") if v]
+                return [coerce(v, elem, key) for v in value] if elem not in (None, str) else value
             if isinstance(value, str):
-                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+                value = json.loads(value)
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return list(value)
+            return list(value)  # JSON/YAML items keep their own types: check_types judges them
         if tp is dict or origin is dict:
             if isinstance(value, str):
                 value = json.loads(value)
@@ -446,13 +450,103 @@ def _positive(value, key, allow_zero=False):
         raise ConfigError(f"{key} = {value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+# --- every field by its declared type and range, derived from the dataclasses ---------------------
+# Strings are non-empty except these (an empty system prompt replaces a template's default one).
+EMPTY_OK = frozenset({"data.system_prompt"})
+# Numbers are >= 0 except in these sections and fields (reward weights may be negative: a penalty).
+SIGNED = frozenset({"rewards"})
+INT_MAX = 2**31 - 1  # no count, size or seed of a run is larger; numpy seeds must be < 2**32
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return {bool: "true/false", int: "integer", float: "number", str: "non-empty string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _bad(key: str, value, tp, why: str = "", default=dataclasses.MISSING) -> ConfigError:
+    hint = f"; the default is {default!r}" if default is not dataclasses.MISSING else ""
+    return ConfigError(f"{key} = {value!r} {why or 'has the wrong type'}: expects {_type_name(tp)}{hint}")
+
+
+def _check_value(key: str, value, tp, signed: bool, empty_ok: bool, default, ranges: bool = True) -> None:
+    """Raise ConfigError if `value` is not of type `tp` (or out of the generic range)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, value, inner[0], signed, empty_ok, default, ranges)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(key, value, tp, default=default)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(key, value, tp, default=default)
+        if ranges and not signed and value < 0:
+            raise _bad(key, value, tp, "must be >= 0", default)
+        if ranges and abs(value) > INT_MAX:
+            raise _bad(key, value, tp, f"is out of range (at most {INT_MAX})", default)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(key, value, tp, default=default)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value} must be a finite number")
+        if ranges and not signed and value < 0:
+            raise _bad(key, value, tp, "must be >= 0", default)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise _bad(key, value, tp, default=default)
+        if value == "" and not empty_ok:
+            raise _bad(key, value, tp, "is empty", default)
+    elif origin is list or tp is list:
+        if not isinstance(value, list):
+            raise _bad(key, value, tp, default=default)
+        for i, v in enumerate(value):
+            if args:
+                _check_value(f"{key}[{i}]", v, args[0], signed, False, dataclasses.MISSING, ranges)
+    elif origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _bad(key, value, tp, default=default)
+        for k, v in value.items():
+            if args:
+                _check_value(f"{key} key {k!r}", k, args[0], signed, False, dataclasses.MISSING, ranges)
+                _check_value(f"{key}[{k!r}]", v, args[1], signed, False, dataclasses.MISSING, ranges)
+    elif dataclasses.is_dataclass(tp):
+        if not dataclasses.is_dataclass(value):
+            raise _bad(key, value, tp, "is a section: set its keys", default)
+        check_types(value, key, ranges)
+
+
+def check_types(obj, prefix: str = "", ranges: bool = True) -> None:
+    """Every field of dataclass `obj` (and its nested sections) against its declared type: bools,
+    integers (not bools), finite numbers, non-empty strings (except EMPTY_OK), lists and dicts item by
+    item; numbers >= 0 outside SIGNED and integers at most INT_MAX. Derived from the annotations, so a
+    field added to a config dataclass is checked without a line here."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.MISSING
+        signed = key.split(".")[0] in SIGNED or key in SIGNED
+        _check_value(key, getattr(obj, f.name), hints[f.name], signed, key in EMPTY_OK, default, ranges)
+
+
 def validate(cfg: RTPOConfig) -> None:
-    """Cross-field checks that a typed field cannot express; each error names the key and the fix."""
+    """Every field by its declared type (check_types), then the ranges and cross-field checks a type
+    cannot express; each error names the key and the fix."""
+    check_types(cfg, ranges=False)  # types first: the checks below compare values
     _check_choices(cfg)
     _check_signs(cfg)
     _check_ranges(cfg)
     _check_lora(cfg.model.lora)
     _check_trace_losses(cfg)
+    check_types(cfg)  # then the generic range of every field the checks above do not name
 
 
 def _check_trace_losses(c: RTPOConfig) -> None:
@@ -612,7 +706,7 @@ def _check_ranges(c: RTPOConfig) -> None:
 
 
 def save(cfg: RTPOConfig, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    """config.json, replaced atomically; a failed write (a full disk) raises OSError naming it."""
+    from rtpo.checkpoint import write_json
+
+    write_json(path, cfg.to_dict())

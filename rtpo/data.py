@@ -122,13 +122,10 @@ def _load_local(path: str, split: str):
     ext = os.path.splitext(path)[1].lower()
     if ext not in LOCAL_FORMATS:
         raise DataError(f"data.dataset {path!r}: unsupported file type {ext!r}; use one of {', '.join(LOCAL_FORMATS)}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        if ext != ".parquet":
-            head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.dataset {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+    if ext != ".parquet":
+        _check_utf8(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
     if not head.strip():
         raise DataError(f"data.dataset {path!r} is empty: it has no rows")
     try:
@@ -138,6 +135,21 @@ def _load_local(path: str, split: str):
         why = (_json_problem(path) if LOCAL_FORMATS[ext] == "json" else None) or _root_cause(e)
         raise DataError(f"data.dataset {path!r} could not be read as {LOCAL_FORMATS[ext]}: {why}") from None
     return ds.to_list()
+
+
+def _check_utf8(path: str) -> None:
+    """The whole text file is UTF-8, read line by line (streamed: memory stays one line). A bad byte
+    anywhere raises DataError naming the line and the byte offset in the file."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data.dataset {path!r} is not UTF-8 text: line {n} ({e.reason} at byte "
+                                f"{offset + e.start} of the file); re-encode it as UTF-8, or fix or remove that "
+                                "line") from None
+            offset += len(line)
 
 
 @contextlib.contextmanager

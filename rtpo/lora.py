@@ -237,8 +237,16 @@ def save_adapter(peft_model, folder: str) -> None:
 
 def load_merged(folder: str):
     """An ordinary transformers model: the adapter of `folder` merged into its base (float32, CPU)."""
+    import pickle
+
+    from rtpo.models import unsafe_weights_message
+
     peft = import_peft(f"{folder} is a PEFT adapter")
-    model = peft.PeftModel.from_pretrained(load_base(folder), folder).merge_and_unload()
+    base = load_base(folder)
+    try:  # peft reads adapter_model.bin with torch.load(weights_only=True): a refusal is an unsafe file
+        model = peft.PeftModel.from_pretrained(base, folder).merge_and_unload()
+    except pickle.UnpicklingError:
+        raise ConfigError(unsafe_weights_message(folder)) from None
     return model.requires_grad_(True)  # as from_pretrained gives it (peft froze the base)
 
 

@@ -197,9 +197,22 @@ def load_pretrained(path: str, **kw):
     vision-language config (transformers maps Qwen2-VL to the latter only)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    import pickle
+
     config = AutoConfig.from_pretrained(path, **kw)
     cls = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32, **kw)
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32, **kw)
+    except pickle.UnpicklingError:  # transformers reads *.bin with torch.load(weights_only=True): it refused
+        raise ConfigError(unsafe_weights_message(path)) from None
+
+
+def unsafe_weights_message(path: str) -> str:
+    """One line for a model folder whose pickled weights (*.bin) torch's weights-only loader refused."""
+    bins = sorted(n for n in os.listdir(path) if n.endswith(".bin")) if os.path.isdir(path) else []
+    where = os.path.join(path, bins[0]) if len(bins) == 1 else f"a *.bin weights file of {path}"
+    return (f"{where} holds objects that are not tensors, and loading it could run code; rtpo refuses to unpickle "
+            "it. Use weights in safetensors format (model.safetensors), or convert the file where you trust it")
 
 
 def load_vision_processor(path: str, tokenizer, model, max_pixels: int = 0, **kw):
@@ -250,6 +263,8 @@ def load_model_and_tokenizer(mc: ModelConfig, seed: int = 0, log=print):
     try:
         tok = load_tokenizer(path, **kw)
         model = load_pretrained(path, **kw)
+    except ConfigError:
+        raise
     except OSError as e:
         offline = ", ".join(sorted(OFFLINE_MODELS))
         raise ConfigError(f"model.name {mc.name!r} could not be loaded ({e}). Offline? Use --model embedded, "

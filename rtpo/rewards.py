@@ -18,6 +18,11 @@ except the few scalars noted:
 - every column of the dataset row by its own name (e.g. `difficulty`, `solution`, `answer`):
   one value per completion, for rows from any source (local file, hub dataset, generated task).
 
+The return value is checked (`check_rewards`): exactly one real number per completion, each finite;
+`None` (for the whole call or for one entry) is "no reward" and adds 0. A dict, strings (even
+"0.5"), the wrong length, NaN / inf, or SystemExit / KeyboardInterrupt raised inside the function
+stop the run with one error line naming the function (exit 3).
+
 A function takes what it names: `def f(completions, *, answers, difficulty, **kw)`; without a
 `**kwargs` parameter it is passed only the names it declares. The older form
 `fn(completions, answers, **ctx)` still works (`answers` is passed by keyword, or positionally to
@@ -252,18 +257,72 @@ def missing_arguments(fn, available) -> list:
             and p is not slot and (p.kind is p.POSITIONAL_ONLY or p.name not in available)]
 
 
+_F32_MAX = 3.4028234663852886e38  # rewards become float32 tensors: a larger value is inf there
+
+
+def check_rewards(name: str, out, n: int) -> list:
+    """The contract of a reward function's return value: a sequence (list, tuple, 1-d array or tensor)
+    of exactly n real numbers (bool, int or float; numpy/torch scalars too), each finite (as float32,
+    the dtype advantages are computed in), or None. None, for the whole return or for one entry, is
+    "no reward": it adds 0. Anything else (a dict, a string such as "0.5", a generator, NaN, inf, the
+    wrong length) raises RewardError naming the function, the entry and what it was."""
+    if out is None:
+        return [0.0] * n
+    if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy array / torch tensor
+        if getattr(out, "ndim", 1) != 1:
+            raise RewardError(f"reward function {name!r} returned an array of shape {tuple(out.shape)}; "
+                              f"return one number per completion ({n})")
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"reward function {name!r} returned {type(out).__name__} {_short(out)}; return a list of "
+                          f"{n} numbers (one per completion) or None for no reward")
+    if len(out) != n:
+        raise RewardError(f"reward function {name!r} returned {len(out)} values for {n} completions")
+    vals = []
+    for i, v in enumerate(out):
+        if v is None:
+            vals.append(0.0)
+            continue
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 and not isinstance(v, (str, bytes)):
+            v = v.item()  # a numpy or torch scalar
+        if not isinstance(v, (bool, int, float)):
+            raise RewardError(f"reward function {name!r} returned {type(v).__name__} {_short(v)} at index {i}; "
+                              "every value must be a number (or None for no reward)")
+        f = float(v)
+        if not math.isfinite(f) or abs(f) > _F32_MAX:
+            raise RewardError(f"reward function {name!r} returned {f!r} at index {i}; rewards must be finite numbers")
+        vals.append(f)
+    return vals
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def score(fns: dict, completions, answers, **ctx):
     """Weighted sum of every reward function -> (total [N], {name: list[float]}).
     Each function is called through `call_reward` with `ctx` as keyword arguments. A function that
-    raises or returns the wrong number of values is an error naming it."""
+    raises (SystemExit and a user's KeyboardInterrupt included), or whose return breaks the contract of
+    `check_rewards`, is a RewardError naming it."""
     per_fn, total = {}, [0.0] * len(completions)
     for name, (fn, w) in fns.items():
         try:
-            vals = [float(v) for v in call_reward(fn, completions, answers, ctx)]
-        except Exception as e:  # user code: report which function failed, not a bare traceback
-            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-        if len(vals) != len(completions):
-            raise RewardError(f"reward function {name!r} returned {len(vals)} values for {len(completions)} completions")
+            out = call_reward(fn, completions, answers, ctx)
+        except (Exception, SystemExit) as e:  # user code: report which function failed, not a bare traceback
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if isinstance(e, SystemExit):
+                what = f"SystemExit({e.code!r}) (sys.exit / exit() inside a reward function)"
+            raise RewardError(f"reward function {name!r} raised {what}") from e
+        except KeyboardInterrupt as e:
+            if type(e) is not KeyboardInterrupt:  # the trainer's own quit-now signal (ForcedQuit): not the function's
+                raise
+            raise RewardError(f"reward function {name!r} raised KeyboardInterrupt") from e
+        vals = check_rewards(name, out, len(completions))
         per_fn[name] = vals
         total = [t + w * v for t, v in zip(total, vals)]
+    bad = next((i for i, t in enumerate(total) if not math.isfinite(t) or abs(t) > _F32_MAX), None)
+    if bad is not None:
+        raise RewardError(f"the weighted sum of the rewards is {total[bad]!r} at index {bad}; lower the reward "
+                          "values or their weights (rewards.*)")
     return total, per_fn

@@ -37,20 +37,29 @@ def tiny_set(cache, hidden=32, layers=1, heads=2, kv=1, inter=64, ws_steps=4, si
 
 
 def test_rtpo_vs_grpo_smoke_writes_table_json_and_png(tmp_path, capsys):
-    """The comparison runs every default arm for 2 seeds on the hard regime (quick preset, cut to 3
+    """The comparison runs hint and same-data arms for 2 seeds on the hard regime (quick preset, cut to 3
     steps and a tiny model), prints the table last, and writes a JSON holding each run's per-step
     curves (all-wrong fraction included) and the per-arm mean/std summary with the paired difference
-    to GRPO and its 95 % interval, plus the PNG."""
+    to GRPO and to the best non-hint arm with 95 % intervals, plus the PNG. sft_then_grpo's supervised
+    steps are matched to the trace tokens of the same seed's hint-loss run."""
     bench = load_script("rtpo_vs_grpo")
     out = tmp_path / "res.json"
-    res = bench.main(["--quick", "--steps", "3", "--eval-examples", "4", "--eval-every", "2",
+    arms = ["grpo", "grpo_sft", "sft_then_grpo", "rtpo_cosine", "rtpo_hint_loss"]
+    res = bench.main(["--quick", "--steps", "3", "--eval-examples", "4", "--eval-every", "2", "--arms", ",".join(arms),
                       "--workdir", str(tmp_path / "runs"), "--out", str(out)] + tiny_set(tmp_path / "cache"))
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].startswith("rtpo_hint_loss")  # the table comes last
     data = json.loads(out.read_text())
-    assert [r["arm"] for r in data["summary"]] == bench.DEFAULT_ARMS
+    assert [r["arm"] for r in data["summary"]] == arms
     assert data["rl_hyperparameters"]["warmstart"]["reasoning_fraction"] == 0.01  # --preset hard
-    assert len(data["runs"]) == 4 * 2
+    assert len(data["runs"]) == len(arms) * 2
+    by = {(r["arm"], r["seed"]): r for r in data["runs"]}
+    for seed in (1, 2):
+        sft = by[("sft_then_grpo", seed)]
+        assert sft["sft_steps"] == bench.matched_sft_steps(by[("rtpo_hint_loss", seed)], by[("grpo_sft", seed)]) >= 1
+        assert sft["sft_tokens"] > 0 and sft["fwd_tokens"] > sum(s["fwd_tokens"] for s in sft["steps"])
+    hint = data["summary"][-1]
+    assert hint["best_non_hint_final_acc"] in bench.NON_HINT and len(hint["d_best_final_acc_ci95"]) == 2
     for run in data["runs"]:
         assert [s["step"] for s in run["steps"]] == [0, 1, 2]
         assert {"keep", "reward", "reasoning_tokens", "accuracy", "all_wrong_groups"} <= set(run["steps"][0])

@@ -286,18 +286,18 @@ def test_sigint_stops_at_step_boundary_with_checkpoint(tmp_path, cache, capfd, f
 
 
 # ------------------------------------------------------------------------------ 4. numeric faults
-def test_transient_nan_reward_skips_that_update_logs_and_counts_it(tmp_path, cache, capfd, faults):
-    """A reward function that returns NaN at step 1 only: step 1's update is skipped (weights
+def test_transient_nan_update_skips_that_update_logs_and_counts_it(tmp_path, cache, capfd, faults):
+    """An update whose forward pass computes NaN at step 1 only: step 1's update is skipped (weights
     unchanged across it), a log line says so, metrics count it (skipped_updates = 1, loss null),
     the summary counts it, and training goes on with updates at steps 0 and 2."""
     faults.configure(nan_calls=(1,))
     out = tmp_path / "run"
-    rc, log, err = main(tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "3", "--eval.num_examples", "0",
+    rc, log, err = main(tiny_args(out, cache, *custom("nan_update"), "--max_steps", "3", "--eval.num_examples", "0",
                                   "--checkpoint.every", "1", "--checkpoint.keep_last", "0"), capfd)
     assert rc == 0, err
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
-    assert rows[1]["loss"] is None and rows[1]["reward"] is None
+    assert rows[1]["loss"] is None and math.isfinite(rows[1]["reward"])
     assert all(math.isfinite(rows[i]["loss"]) for i in (0, 2))
     assert "[rtpo] step 1: non-finite loss (nan)" in log and "update skipped" in log
     assert json.loads((out / "summary.json").read_text())["skipped_updates"] == 1
@@ -307,13 +307,13 @@ def test_transient_nan_reward_skips_that_update_logs_and_counts_it(tmp_path, cac
 
 
 def test_repeated_nan_stops_with_clear_error_and_last_good_checkpoint(tmp_path, cache, capfd, faults):
-    """NaN rewards from step 1 on with run.max_consecutive_skips = 2: steps 1 and 2 are skipped,
+    """NaN updates from step 1 on with run.max_consecutive_skips = 2: steps 1 and 2 are skipped,
     then the run stops with exit code 3 and one error line that names the cause, the step, the
     checkpoint and the fix; that checkpoint holds the weights of the last good update (step 0) and
     resumes once the fault is gone."""
     faults.configure(nan_from=1)
     out = tmp_path / "run"
-    args = tiny_args(out, cache, *custom("nan_reward"), "--max_steps", "6", "--eval.num_examples", "0",
+    args = tiny_args(out, cache, *custom("nan_update"), "--max_steps", "6", "--eval.num_examples", "0",
                      "--checkpoint.every", "1", "--checkpoint.keep_last", "0", "--run.max_consecutive_skips", "2")
     rc, log, err = main(args, capfd)
     assert rc == 3
@@ -350,6 +350,41 @@ def test_reward_function_that_raises_stops_with_one_line_naming_it(tmp_path, cac
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("bad", sorted(fault_rewards.BAD_RETURNS))
+def test_reward_function_breaking_its_contract_stops_with_one_line_naming_it(bad, tmp_path, cache, capfd, faults):
+    """A reward function must return exactly N finite numbers (or None): a dict, numeric strings, a
+    string, the wrong length, NaN, inf, a value float32 cannot hold, nested lists, a generator, and
+    sys.exit(0) / KeyboardInterrupt raised inside it each end the run at step 1 with exit 3 and one
+    error line naming the function (sys.exit(0) used to end the run with exit 0 and no checkpoint;
+    a dict was used silently); the step-1 checkpoint written before it is intact and resumable."""
+    faults.configure(bad=bad)
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, *custom("contract_breaker"), "--max_steps", "3", "--eval.num_examples", "0",
+                     "--checkpoint.every", "1")
+    rc, log, err = main(args, capfd)
+    line = error_line(err)
+    assert rc == 3, line
+    assert line.startswith("error: step 1: reward function 'fault_rewards:contract_breaker' "), line
+    assert "--resume auto" in line
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    faults.configure()
+    rc, log, err = main([*args, "--resume", "auto"], capfd)
+    assert rc == 0, err
+
+
+def test_reward_none_is_no_reward(tmp_path, cache, capfd, faults):
+    """None, for the whole return or for single entries, is the documented "no reward": it adds 0."""
+    from rtpo.rewards import score
+
+    faults.configure()
+    fns = {"fault_rewards:no_reward": (fault_rewards.no_reward, 2.0)}
+    assert score(fns, ["a", "b", "c"], ["1"] * 3) == ([0.0] * 3, {"fault_rewards:no_reward": [0.0] * 3})
+    assert score(fns, ["a", "b", "c"], ["1"] * 3)[0] == [2.0, 0.0, 2.0]
+    rc, _, err = main(tiny_args(tmp_path / "run", cache, *custom("no_reward"), "--max_steps", "2",
+                                "--eval.num_examples", "0"), capfd)
+    assert rc == 0, err
+
+
 # ------------------------------------------------------------------------------ 5. bad input
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -368,6 +403,24 @@ def inputs(tmp_path_factory):
     f["empty"] = str(d / "empty.jsonl")
     (d / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "reasoning": "r", "answer": "1"}\n'.encode("latin-1"))
     f["latin1"] = str(d / "latin1.jsonl")
+    # a bad byte past the first MiB (only the first MiB was checked: a traceback, exit 1)
+    many = make_dataset(24, seed=3) * 700  # ~1.4 MB of JSON lines
+    late = "".join(json.dumps(r) + "\n" for r in many).encode()
+    cut = late.index(b"\n", (1 << 20) + 1000) + 1
+    n_late = late[:cut].count(b"\n") + 1
+    (d / "late_latin1.jsonl").write_bytes(late[:cut] + '{"question": "caf\u00e9?", "reasoning": "r", "answer": "1"}\n'
+                                          .encode("latin-1") + late[cut:])
+    f["late_latin1"], f["late_line"] = str(d / "late_latin1.jsonl"), n_late
+    import csv
+
+    with open(d / "late_latin1.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["question", "reasoning", "answer"])
+        w.writeheader()
+        w.writerows(many * 3)
+    raw = (d / "late_latin1.csv").read_bytes()
+    cut = raw.index(b"\n", (1 << 20) + 1000) + 1
+    (d / "late_latin1.csv").write_bytes(raw[:cut] + "caf\u00e9?,r,1\n".encode("latin-1") + raw[cut:])
+    f["late_latin1_csv"], f["late_csv_line"] = str(d / "late_latin1.csv"), raw[:cut].count(b"\n") + 1
     (d / "torn.jsonl").write_text(json.dumps(rows[0]) + '\n{"question": "Compute 1+1.", "reasoning": \n')
     f["torn"] = str(d / "torn.jsonl")
     (d / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
@@ -406,6 +459,10 @@ BAD_INPUTS = [
      ["row 3 field 'answer' (answer) is empty"]),
     ("dataset_empty", lambda f: ["--dataset", f["empty"], *DATA], ["empty.jsonl", "is empty"]),
     ("dataset_not_utf8", lambda f: ["--dataset", f["latin1"], *DATA], ["latin1.jsonl", "is not UTF-8", "re-encode"]),
+    ("dataset_not_utf8_after_first_mib", lambda f: ["--dataset", f["late_latin1"], *DATA],
+     ["late_latin1.jsonl", "is not UTF-8", "re-encode"]),
+    ("dataset_csv_not_utf8_after_first_mib", lambda f: ["--dataset", f["late_latin1_csv"], *DATA],
+     ["late_latin1.csv", "is not UTF-8", "re-encode"]),
     ("dataset_torn_json", lambda f: ["--dataset", f["torn"], *DATA], ["torn.jsonl", "could not be read as json: line 2"]),
     ("dataset_no_such_file", lambda f: ["--dataset", f["no_run"] + "/none.jsonl", *DATA],
      ["data.dataset", "none.jsonl", "no such file"]),
@@ -470,6 +527,10 @@ def test_bad_input_one_error_line_exit_2_outputs_untouched(case, flags, expected
     assert rc == 2, line
     for s in expected:
         assert s in line, (s, line)
+    if case == "dataset_not_utf8_after_first_mib":
+        assert f"line {inputs['late_line']} " in line, line
+    if case == "dataset_csv_not_utf8_after_first_mib":
+        assert f"line {inputs['late_csv_line']} " in line, line
     assert snapshot(workspace) == before
 
 
@@ -927,79 +988,148 @@ def test_expected_failure_ends_in_one_error_line_exit_2(name, fault_env, capfd):
     assert listing(fault_env.tmp) == before
 
 
-def fill_disk_in_torch_save(monkeypatch, calls: int):
-    """torch.save writes half its bytes and fails with ENOSPC on its `calls`-th call, as on a full disk."""
-    real, n = torch.save, [0]
-
-    def save(obj, path, *a, **kw):
-        n[0] += 1
-        if n[0] != calls:
-            return real(obj, path, *a, **kw)
-        buf = io.BytesIO()
-        real(obj, buf)
-        Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-    monkeypatch.setattr(torch, "save", save)
+# Real write faults, not injected ones: the fault run is a forked child of this process with a real
+# RLIMIT_FSIZE (SIGXFSZ ignored, as Python does, so writes past the limit fail with EFBIG), or its run
+# folder on a real, small tmpfs (ENOSPC). What the libraries raise there (safetensors SafetensorError,
+# torch RuntimeError "[enforce fail at inline_container.cc] ... file write failed", OSError) must end
+# as one error line, exit 3, with the previous checkpoint intact and an exact resume.
+def first_half(out, cache, *extra):
+    """An uninterrupted run's first 2 steps: it stops with the step-2 checkpoint (exit 0)."""
+    rc = train.main([str(a) for a in ref_args(out, cache, "--run.stop_after_steps", "2", *extra)])
+    assert rc == 0
+    return os.path.join(out, CKPT_DIR, "step_000002")
 
 
-def fill_disk_in_metrics_append(monkeypatch, appends: int):
-    """The `appends`-th append to metrics.jsonl writes half its line, then fails with ENOSPC."""
-    import rtpo.metrics
-
-    n = [0]
-
-    class HalfWritten(io.TextIOWrapper):
-        def write(self, text):
-            super().write(text[: len(text) // 2])
-            self.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def fake_open(path, mode="r", *a, **kw):
-        if os.path.basename(path) == "metrics.jsonl" and mode == "a":
-            n[0] += 1
-            if n[0] == appends:
-                return HalfWritten(open(path, "ab"), encoding="utf-8")
-        return open(path, mode, *a, **kw)
-
-    monkeypatch.setattr(rtpo.metrics, "open", fake_open, raising=False)
+def fsize_limit(where, out, step2):
+    """A per-file size limit that the run's first write of `where` exceeds, and no write before it."""
+    size = lambda p: os.path.getsize(p)
+    weights_b, state_b = size(os.path.join(step2, "model.safetensors")), size(os.path.join(step2, STATE_FILE))
+    if where == "checkpoint_weights_safetensors":
+        return weights_b - 1000
+    if where == "checkpoint_state_torch_save":
+        assert weights_b < state_b - 2000
+        return (weights_b + state_b) // 2
+    return size(out / "config.json") + 1000  # metrics: the rows outgrow config.json (the largest write before)
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
-def test_disk_full_ends_in_one_error_line_exit_3_and_resumes_exactly(where, tmp_path, cache, reference, capfd,
-                                                                       monkeypatch):
-    """A full disk (ENOSPC injected into the writer) while saving the step-4 checkpoint, or while
-    appending step 3's metrics row (half of it written): exit 3 with one error line naming the file
-    and the fix; the step-2 checkpoint is intact (verified), the failed save left no partial folder;
-    `--resume auto` drops the torn row and the finished run equals an uninterrupted one."""
+# metrics.jsonl, not samples.jsonl, grows first; four more reward functions make its rows outgrow config.json
+BIG_ROWS = ["--log.sample_groups", "0", "--log.sample_eval_rows", "0", "--rewards.boxed", "0.01", "--rewards.gsm8k",
+            "0.01", "--rewards.json_answer", "0.01", "--rewards.length_penalty", "0.01"]
+
+
+@pytest.mark.parametrize("where", ["checkpoint_weights_safetensors", "checkpoint_state_torch_save", "metrics_append"])
+def test_real_file_size_limit_ends_in_one_error_line_exit_3_and_resumes_exactly(where, tmp_path, cache, reference):
+    """A run continued from its step-2 checkpoint under a real RLIMIT_FSIZE: the step-4 checkpoint's
+    model.safetensors (safetensors raises SafetensorError, not OSError) or trainer_state.pt (torch raises
+    RuntimeError from inline_container.cc), or a metrics.jsonl append (EFBIG mid-row), fails: exit 3,
+    one error line naming the file and the fix; the step-2 checkpoint is intact and the failed save left
+    no partial folder; `--resume auto` without the limit drops the torn row and finishes exactly as an
+    uninterrupted run."""
     out = tmp_path / "run"
-    step2 = os.path.join(out, CKPT_DIR, "step_000002")
-    with monkeypatch.context() as m:
-        if where == "checkpoint":
-            fill_disk_in_torch_save(m, calls=2)  # call 1: the step-2 checkpoint's trainer state
-        else:
-            fill_disk_in_metrics_append(m, appends=4)  # rows: 0, 1, 2, 3
-        rc, _, err = main(ref_args(out, cache), capfd)
+    extra = BIG_ROWS if where == "metrics_append" else []
+    if extra:  # its own uninterrupted run to compare with
+        reference = tmp_path / "reference"
+        assert train.main([str(a) for a in ref_args(reference, cache, *extra)]) == 0
+    step2 = first_half(out, cache, *extra)
+    limit = fsize_limit(where, out, step2)
+    if extra:
+        assert limit < os.path.getsize(reference / "metrics.jsonl") - 500
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto", *extra), fsize=limit)
     line = error_line(err)
-    assert rc == 3, line
-    if where == "checkpoint":
-        assert line.startswith("error: saving the checkpoint of step 4 failed: [Errno 28] No space left on device: ")
-        assert f"the previous checkpoint {step2} is intact. Free space" in line and "--resume auto" in line
-    else:
-        assert line == (f"error: {out / 'metrics.jsonl'}: No space left on device (ENOSPC); fix that (free space, "
-                        "permissions), then continue with --resume auto")
+    assert rc == 3, err
+    if where == "metrics_append":
+        assert line.startswith(f"error: {out / 'metrics.jsonl'}: File too large (EFBIG); fix that"), line
         assert not (out / "metrics.jsonl").read_text().endswith("\n")  # the torn row is there
+    else:
+        assert line.startswith("error: saving the checkpoint of step 4 failed: "), line
+        assert "File too large" in line and ("SafetensorError" if "weights" in where else "torch: [enforce fail") in line
+        assert f"the previous checkpoint {step2} is intact. Free space" in line and "--resume auto" in line
+        assert "Traceback" not in err
     assert list_checkpoints(out) == [(2, step2)] and os.listdir(out / CKPT_DIR) == ["step_000002"]
     ckpt.verify(step2)
-    rc, _, err = main(ref_args(out, cache, "--resume", "auto"), capfd)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto", *extra))
+    assert rc == 0, err
+    assert_same_run(reference, out)
+
+
+def test_real_file_size_limit_in_the_warmstart_cache_write(tmp_path, cache):
+    """The warm-start cache's model.safetensors over a real RLIMIT_FSIZE: exit 3 (a write fault, not bad
+    input), one error line naming the cache folder and saying to rerun; no cache folder (or tmp folder) is
+    left to be mistaken for a complete one, and the same command without the limit then succeeds."""
+    fresh = tmp_path / "cache"
+    argv = tiny_args(tmp_path / "run", fresh, "--max_steps", "1", "--eval.num_examples", "0")
+    rc, _, err = run_forked(argv, fsize=40_000)
+    line = error_line(err)
+    assert rc == 3, err
+    assert line.startswith(f"error: {fresh}/warmstart-") and "File too large" in line and "run the same command" in line
+    assert os.listdir(fresh) == []
+    rc, _, err = run_forked(argv)
+    assert rc == 0, err
+    assert [n for n in os.listdir(fresh) if n.startswith("warmstart-")]
+
+
+def test_real_file_size_limit_in_the_plot_keeps_the_old_png(tmp_path, reference):
+    """curves.png written under a real RLIMIT_FSIZE (in a forked child): matplotlib's write fails and
+    plot_metrics raises OSError naming curves.png (the trainer's exit 3 path), the previous curves.png is
+    unchanged and no curves.png.tmp is left."""
+    import resource
+
+    from rtpo.metrics import plot_metrics
+
+    png = tmp_path / "curves.png"
+    assert plot_metrics(str(reference / "metrics.jsonl"), str(png)) == str(png)
+    before = png.read_bytes()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            plot_metrics(str(reference / "metrics.jsonl"), str(png))
+            code = 1
+        except OSError as e:
+            code = 3 if e.errno == errno.EFBIG and str(png) == e.filename else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    assert png.read_bytes() == before and os.listdir(tmp_path) == ["curves.png"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real tmpfs of 320 KiB (root only; skipped where mounting is not allowed), unmounted after."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_tmpfs_ends_in_one_error_line_exit_3_and_resumes_exactly(small_tmpfs, cache, reference):
+    """The run folder on a real 320 KiB tmpfs: the step-2 checkpoint fits, the step-4 one does not
+    (ENOSPC, whichever library is writing): exit 3, one error line, the step-2 checkpoint intact and no
+    partial folder; after growing the tmpfs (remount), `--resume auto` finishes exactly as an
+    uninterrupted run."""
+    out = small_tmpfs / "run"
+    step2 = first_half(out, cache)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto"))
+    line = error_line(err)
+    assert rc == 3, err
+    assert "No space left on device" in line and "--resume auto" in line, line
+    assert list_checkpoints(out) == [(2, step2)] and os.listdir(out / CKPT_DIR) == ["step_000002"]
+    ckpt.verify(step2)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    rc, _, err = run_forked(ref_args(out, cache, "--resume", "auto"))
     assert rc == 0, err
     assert_same_run(reference, out)
 
 
 # ------------------------------------------------------------------------------ 10. crash anywhere
-def run_forked(argv, crash_at=None, timeout=120):
+def run_forked(argv, crash_at=None, timeout=120, fsize=None):
     """train.py's main(argv) in a forked copy of this process, killed with SIGKILL at write moment
-    `crash_at` (RTPO_TEST_CRASH_AT) -> (exit code, or -9 when killed; the moment; its stderr)."""
+    `crash_at` (RTPO_TEST_CRASH_AT) -> (exit code, or -9 when killed; the moment; its stderr).
+    fsize: a real RLIMIT_FSIZE (bytes per file) for the child, SIGXFSZ ignored so writes get EFBIG."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -1008,8 +1138,15 @@ def run_forked(argv, crash_at=None, timeout=120):
             os.close(r)
             os.dup2(w, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)  # not pytest's capture: the error line goes to the pipe
+            sys.stdout = open(os.devnull, "w")
             if crash_at:
                 os.environ["RTPO_TEST_CRASH_AT"] = crash_at
+            if fsize:
+                import resource
+
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             code = train.main([str(a) for a in argv])
         except BaseException:
             traceback.print_exc()

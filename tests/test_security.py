@@ -105,3 +105,132 @@ def test_truncated_trainer_state_is_one_error_line_in_eval(run, tmp_path, capfd)
     assert rtpo_eval.main([str(folder), "--no-progress", "--num-examples", "2"]) == 2
     line = error_line(capfd.readouterr().err)
     assert STATE_FILE in line and "damaged" in line, line
+
+
+# ------------------------------------------------------------------ every folder rtpo loads weights from
+def plant_bin(folder, marker, name="pytorch_model.bin", weights="model.safetensors") -> None:
+    """Replace folder's safetensors weights by a pickled .bin that also holds a code-running object (torch
+    would unpickle it on a weights_only=False load); re-sign the manifest if the folder has one."""
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, weights))
+    os.remove(os.path.join(folder, weights))
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, os.path.join(folder, name))
+    if os.path.isfile(os.path.join(folder, ckpt.MANIFEST)):
+        step = json.load(open(os.path.join(folder, ckpt.MANIFEST)))["step"]
+        os.remove(os.path.join(folder, ckpt.MANIFEST))
+        ckpt.write_manifest(folder, step)
+
+
+def test_crafted_weights_never_run_in_any_entry_point(run, tmp_path, capfd):
+    """A crafted pytorch_model.bin in place of model.safetensors, in: a `--model` folder, a checkpoint
+    resumed from, a checkpoint given to rtpo.eval and to rtpo.export, and the warm-start cache. Each
+    exits 2 with one error line naming the .bin file and saying it could run code; the payload never ran."""
+    import glob
+    import shutil
+
+    from rtpo import eval as rtpo_eval, export as rtpo_export
+
+    src, cache = run
+    marker = tmp_path / "pwned"
+    ck = tmp_path / "ckpt"
+    shutil.copytree(src / CKPT_DIR / "step_000002", ck)
+    plant_bin(ck, marker)
+
+    def refused(rc, what):
+        line = error_line(capfd.readouterr().err)
+        assert rc == 2 and "pytorch_model.bin" in line and "could run code" in line, (what, line)
+
+    capfd.readouterr()
+    # --model <folder>: the checkpoint's weights and tokenizer (trainer_state.pt is not read)
+    refused(train.main(tiny_args(tmp_path / "m", cache, "--model", ck, "--warmstart.enabled", "false",
+                                 "--max_steps", "1")), "--model")
+    # --resume: a run folder whose only checkpoint is the crafted one
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / CKPT_DIR / "step_000002")
+    shutil.copytree(ck, out / CKPT_DIR / "step_000002")
+    refused(train.main(tiny_args(out, cache, "--max_steps", "4", "--eval.num_examples", "0", "--resume", "auto")),
+            "resume")
+    refused(rtpo_eval.main([str(ck), "--no-progress", "--num-examples", "2"]), "rtpo.eval")
+    refused(rtpo_export.main([str(ck), str(tmp_path / "exported")]), "rtpo.export")
+    assert not (tmp_path / "exported").exists()
+    # the warm-start cache: a crafted folder under the key this run looks up
+    crafted_cache = tmp_path / "cache"
+    shutil.copytree(cache, crafted_cache)
+    for folder in glob.glob(str(crafted_cache / "warmstart-*")):
+        plant_bin(folder, marker)
+    refused(train.main(tiny_args(tmp_path / "w", crafted_cache, "--max_steps", "1")), "warm-start cache")
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def lora_run(run, tmp_path_factory):
+    pytest.importorskip("peft")
+    _, cache = run
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert train.main(tiny_args(out, cache, "--max_steps", "2", "--eval.num_examples", "0", "--lora.r", "2")) == 0
+    return out
+
+
+@pytest.mark.parametrize("what", ["base_model", "adapter"])
+def test_crafted_lora_base_or_adapter_never_runs(what, lora_run, tmp_path, capfd):
+    """A LoRA run's base (<run>/base_model, read by rtpo.eval / rtpo.export and resume) or its adapter with
+    a crafted .bin in place of its safetensors: rtpo.export and rtpo.eval exit 2 with one error line; the
+    payload never ran."""
+    import shutil
+
+    from rtpo import eval as rtpo_eval, export as rtpo_export
+    from rtpo.lora import BASE_DIR
+
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    marker = tmp_path / "pwned"
+    ck = out / CKPT_DIR / "step_000002"
+    ac = json.loads((ck / "adapter_config.json").read_text())  # the copy names its own base, as a downloaded run would
+    ac["base_model_name_or_path"] = str(out / BASE_DIR)
+    (ck / "adapter_config.json").write_text(json.dumps(ac))
+    if what == "base_model":
+        plant_bin(out / BASE_DIR, marker)
+    else:
+        plant_bin(ck, marker, name="adapter_model.bin", weights="adapter_model.safetensors")
+    os.remove(ck / ckpt.MANIFEST)
+    ckpt.write_manifest(ck, 2)
+    capfd.readouterr()
+    for call in (lambda: rtpo_export.main([str(ck), str(tmp_path / "exported")]),
+                 lambda: rtpo_eval.main([str(ck), "--no-progress", "--num-examples", "2"])):
+        rc = call()
+        line = error_line(capfd.readouterr().err)
+        assert rc == 2 and ".bin" in line and ("could run code" in line or "adapter" in line), line
+    assert not marker.exists()
+
+
+def test_no_unsafe_loader_in_rtpo_source():
+    """Statically, over every module of rtpo/ and train.py: YAML only through yaml.safe_load, no
+    pickle / marshal / dill / joblib load, every torch.load passes weights_only=True, and the loads of
+    checkpoint, cache and base folders (load_pretrained outside the --model path) never pass
+    trust_remote_code."""
+    import ast
+    import glob
+
+    from conftest import ROOT
+
+    bad = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "rtpo", "**", "*.py"), recursive=True)) + [os.path.join(ROOT, "train.py")]:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{os.path.relpath(path, ROOT)}:{node.lineno} {f}"
+            if f.startswith("yaml.") and f not in ("yaml.safe_load", "yaml.safe_dump"):
+                bad.append(where)
+            if f.split(".")[0] in ("pickle", "marshal", "dill", "joblib", "cloudpickle") and f.endswith(("load", "loads")):
+                bad.append(where)
+            if f == "torch.load" and kw.get("weights_only") != "True":
+                bad.append(where)
+            if f.endswith("load_pretrained") and "trust_remote_code" in kw:
+                bad.append(where)
+    assert not bad, bad
