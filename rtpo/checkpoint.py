@@ -450,6 +450,31 @@ def write_atomically(dest: str, write) -> str:
 
 DS_DIR = "deepspeed"  # a DeepSpeed run's ZeRO shards inside a checkpoint folder
 
+# What DeepSpeed's own ZeRO-1/2/3 shards rebuild besides tensors and plain values (read off real checkpoints of
+# DeepSpeed 0.19): an enum, the loss scaler's attributes and a dataclass of offsets. Data only: none runs code.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
+
+
+def check_deepspeed_shards(folder: str) -> None:
+    """DeepSpeed reads its shards with torch.load(weights_only=False), so before it does, every .pt file under
+    `folder` is scanned (torch.serialization.get_unsafe_globals_in_checkpoint reads a pickle without running
+    it): one that would rebuild anything beyond torch's weights-only set and DEEPSPEED_GLOBALS is refused.
+    Raises CheckpointError naming the file."""
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if not name.endswith(".pt"):
+                continue
+            p = os.path.join(root, name)
+            try:
+                extra = set(torch.serialization.get_unsafe_globals_in_checkpoint(p)) - DEEPSPEED_GLOBALS
+            except Exception as e:  # not a torch archive (truncated, replaced)
+                raise CheckpointError(f"{p} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            if extra:
+                raise CheckpointError(f"{p} would rebuild {', '.join(sorted(extra)[:3])} when DeepSpeed loads it, "
+                                      "which could run code; DeepSpeed never writes that, and rtpo refuses to load it")
+
 
 def deepspeed_checkpoint_message(path: str) -> str:
     return (f"run.resume: {path} was written by a DeepSpeed run (its optimizer state is in ZeRO shards under "

@@ -234,3 +234,37 @@ def test_no_unsafe_loader_in_rtpo_source():
             if f.endswith("load_pretrained") and "trust_remote_code" in kw:
                 bad.append(where)
     assert not bad, bad
+
+
+@pytest.mark.slow
+def test_crafted_deepspeed_shard_never_runs(run, tmp_path):
+    """DeepSpeed unpickles its ZeRO shards with weights_only=False: a real ZeRO-2 checkpoint's shards pass
+    rtpo's scan (only DeepSpeed's own data classes), and the same checkpoint with a code-running pickle in its
+    optimizer shard (manifest re-signed) is refused on --resume before DeepSpeed reads it: exit 2, one error
+    line naming the file; the payload never ran."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed")
+    _, cache = run
+    out = tmp_path / "ds"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "train.py", *tiny_args(out, cache, "--max_steps", "2", "--eval.num_examples", "0",
+                                                   "--deepspeed", "ds_configs/zero2.json")]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr
+    folder = out / CKPT_DIR / "step_000002"
+    ckpt.check_deepspeed_shards(str(folder / ckpt.DS_DIR))  # DeepSpeed's own files pass
+    shard = next((folder / ckpt.DS_DIR).rglob("*optim_states.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, shard)
+    os.remove(folder / ckpt.MANIFEST)
+    ckpt.write_manifest(str(folder), 2)
+    p = subprocess.run(argv[:-4] + ["--max_steps", "4", "--resume", "auto"] + argv[-2:], cwd=root, capture_output=True,
+                       text=True, timeout=600, env=env)
+    line = error_line(p.stderr)
+    assert p.returncode == 2 and shard.name in line and "builtins.exec" in line and "run code" in line, line
+    assert not marker.exists()

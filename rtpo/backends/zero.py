@@ -17,7 +17,7 @@ import re
 import torch
 
 from rtpo.backends.local import Backend
-from rtpo.checkpoint import DS_DIR
+from rtpo.checkpoint import DS_DIR, CheckpointError, check_deepspeed_shards
 from rtpo.comm import TorchComm
 from rtpo.config import ConfigError
 from rtpo.distributed import (DS_TAG, LogprobModule, check_boundary, ds_amp_dtype,
@@ -147,6 +147,10 @@ class DeepSpeedBackend(Backend):
                               f"run has {self.world}; resume with {saved_world} processes (DeepSpeed cannot "
                               "re-partition it; its universal-checkpoint tools can convert it), or start a new run "
                               f"from its weights with --model {path}")
+        try:
+            check_deepspeed_shards(os.path.join(path, DS_DIR))  # DeepSpeed unpickles them without weights_only
+        except CheckpointError as e:
+            raise ConfigError(f"run.resume: {e}") from None
         loaded, _ = self.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True,
                                                 load_module_strict=self.cfg.model.lora.r == 0)  # LoRA: no frozen base
