@@ -9,6 +9,7 @@ resuming instead of failing inside torch or transformers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -113,21 +114,16 @@ def _likely_errno(path: str) -> int:
     return errno.EIO
 
 
+@contextlib.contextmanager
 def writing(path: str):
-    """Context manager: a library's write failure inside becomes an OSError naming `path` (write_fault)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        try:
-            yield
-        except Exception as e:
-            err = write_fault(e, path)
-            if err is None or err is e:
-                raise
-            raise err from e
-
-    return cm()
+    """A library's write failure inside becomes an OSError naming `path` (write_fault)."""
+    try:
+        yield
+    except Exception as e:
+        err = write_fault(e, path)
+        if err is None or err is e:
+            raise
+        raise err from e
 
 
 def replace_file(path: str, write) -> None:
@@ -142,17 +138,11 @@ def replace_file(path: str, write) -> None:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
     except BaseException:
-        with contextlib_suppress():
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     crash_point(f"{os.path.basename(path)}: written, not yet renamed")
     os.replace(tmp, path)
-
-
-def contextlib_suppress():
-    import contextlib
-
-    return contextlib.suppress(OSError)
 
 
 def write_json(path: str, obj) -> None:
