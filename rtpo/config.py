@@ -155,6 +155,9 @@ class CurriculumConfig:
     # An example's own keep before its first group. 0 with per_example = hints on demand (BREAD / NuRL):
     # no hint until the example's group is all wrong, then a hint that grows per failure, shrinks per success.
     per_example_start: float = 1.0
+    # Hint re-roll (BREAD-style, rtpo/refill.py): an all-wrong group whose keep is below this is sampled again
+    # in the same step with this fraction of its trace in the prompt; 0 = off.
+    reroll_keep: float = 0.0
 
 
 @dataclass
@@ -169,6 +172,9 @@ class RolloutConfig:
     share_prefix: bool = True
     cache: str = "dynamic"          # dynamic | static
     batch_size: int = 0             # rows decoded at once; 0 = all
+    # DAPO dynamic sampling (rtpo/refill.py): up to this many extra rounds of new prompts per step replace
+    # groups whose G rewards are all equal; 0 = off.
+    dynamic_sampling: int = 0
 
 
 @dataclass
@@ -552,12 +558,14 @@ def validate(cfg: RTPOConfig) -> None:
 def _check_trace_losses(c: RTPOConfig) -> None:
     """The knobs that use the dataset's traces besides the prompt hint (hint advantage, SFT loss, SFT first)."""
     _choice(c.loss.sft_decay, ["none", "linear"], "loss.sft_decay")
-    for key, v in [("loss.sft_loss", c.loss.sft_loss), ("sft.steps", c.sft.steps)]:
+    for key, v in [("loss.sft_loss", c.loss.sft_loss), ("sft.steps", c.sft.steps),
+                   ("rollout.dynamic_sampling", c.rollout.dynamic_sampling)]:
         _positive(v, key, allow_zero=True)
     for key, v in [("sft.lr", c.sft.lr), ("sft.batch_size", c.sft.batch_size)]:
         _positive(v, key)
     for key, v in [("loss.hint_top_entropy", c.loss.hint_top_entropy),
-                   ("curriculum.per_example_start", c.curriculum.per_example_start)]:
+                   ("curriculum.per_example_start", c.curriculum.per_example_start),
+                   ("curriculum.reroll_keep", c.curriculum.reroll_keep)]:
         if not 0 <= v <= 1:
             raise ConfigError(f"{key} = {v} must be in [0, 1]")
     if c.loss.hint_advantage and c.curriculum.injection != "prefix":

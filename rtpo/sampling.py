@@ -42,13 +42,18 @@ class Sampler:
     def __init__(self, run, backend, curriculum: Curriculum, generator):
         self.run, self.backend, self.comm = run, backend, backend.comm
         self.curriculum, self.gen = curriculum, generator  # both checkpointed (rtpo.saving)
+        # prompts taken by rollout.dynamic_sampling's extra rounds before this step (checkpointed): the
+        # step's own prompts start after them
+        self.extra_prompts = 0
 
-    def batch_indices(self, step: int) -> list:
-        """This process's contiguous share of the step's prompts (all of them in a one-process run)."""
+    def batch_indices(self, step: int, round: int = 0) -> list:
+        """This process's contiguous share of the step's prompts (all of them in a one-process run): data
+        positions step*B + extra_prompts + round*B onwards, B = prompts_per_step (`round` > 0: dynamic sampling)."""
         c = self.run.cfg
         n, B = len(self.run.train_rows), c.rollout.prompts_per_step
+        start = step * B + self.extra_prompts + round * B
         out = []
-        for p in range(step * B, step * B + B):
+        for p in range(start, start + B):
             epoch, i = divmod(p, n)
             perm = np.random.default_rng([c.run.seed, epoch]).permutation(n) if c.data.shuffle else np.arange(n)
             out.append(int(perm[i]))
@@ -61,48 +66,85 @@ class Sampler:
         keeps = self.curriculum.example_keeps(step, idx)
         return idx, keeps, [self.run.builder.prompt(self.run.train_enc[i], k) for i, k in zip(idx, keeps)]
 
-    def generate(self, prompts: list, sampling: SamplingConfig, num_samples: int, **generate_kw):
-        """Completions drawn from the run's generator. Every process draws the step's whole uniform table, as
-        one process would, and samples its columns: its completions are the ones one process would sample
-        for these rows, and the generator stays in step."""
+    @property
+    def sampling(self) -> SamplingConfig:
+        run, c = self.run, self.run.cfg
+        return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
+                              top_k=c.rollout.top_k, top_p=c.rollout.top_p, eos_token_ids=run.eos_ids,
+                              stop_strings=tuple(c.rollout.stop_strings), pad_token_id=run.tok.pad_token_id)
+
+    def generate(self, prompts: list, sampling: SamplingConfig, num_samples: int, counts: list | None = None,
+                 **generate_kw):
+        """Completions drawn from the run's generator (None for no prompts). Every process draws the uniform
+        table of all processes' rows, as one process would, and samples its own columns: its completions are
+        the ones one process would sample for these rows, and the generator stays in step. `counts`: every
+        process's number of prompts, when they differ (default: all as many as this one)."""
         generator = self.gen
         if self.comm.world > 1:
-            rows, r = len(prompts) * num_samples, self.comm.rank
-            table = draw_uniforms(sampling, rows * self.comm.world, generator)
+            counts = counts or [len(prompts)] * self.comm.world
+            rows, before = len(prompts) * num_samples, sum(counts[:self.comm.rank]) * num_samples
+            table = draw_uniforms(sampling, sum(counts) * num_samples, generator)
             if table is not None:
-                generate_kw["uniforms"] = table[:, r * rows:(r + 1) * rows]
+                generate_kw["uniforms"] = table[:, before:before + rows]
             generator = None
+        if not prompts:
+            return None
         return run_generate(self.run, prompts, sampling, num_samples, generator=generator, **generate_kw)
 
-    def rollout(self, step: int) -> Rollout:
-        """G completions for each of the step's prompts. Each example's prompt holds its kept hint
-        (the schedule's keep, or its own with curriculum.per_example); with hint_dropout the first
-        dropout_rows(G) rows of every group get the hint-free prompt instead. Row r belongs to group r // G."""
+    def assemble(self, step: int, idx: list, keeps: list) -> Rollout:
+        """The Rollout of examples `idx` at their `keeps`, before any completion is sampled."""
         run, c, G = self.run, self.run.cfg, self.run.cfg.rollout.num_generations
-        keep = self.curriculum.keep(step)
-        idx, keeps, hinted = self.step_prompts(step)
         encs = [run.train_enc[i] for i in idx]
-        plain = [run.builder.prompt(e, 0.0) for e in encs]
         images = image_inputs(run.builder, encs)  # each group's images, processed once for the rollout and the update
-        n0 = dropout_rows(G, c.curriculum.hint_dropout)
-        sampling = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
-                                  top_k=c.rollout.top_k, top_p=c.rollout.top_p, eos_token_ids=run.eos_ids,
-                                  stop_strings=tuple(c.rollout.stop_strings), pad_token_id=run.tok.pad_token_id)
-        # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
-        tis = c.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
-        with self.backend.generation():
-            outs = [self.generate([p.ids for p in variant], sampling, n, return_logprobs=tis, images=images)
-                    if n else None for variant, n in ((plain, n0), (hinted, G - n0))]
-        ro = Rollout(step=step, keep=keep, G=G, idx=idx, keeps=keeps,
-                     examples=[run.train_rows[i] for i in idx], hinted=hinted, plain=plain, hinted_rows=G - n0,
+        ro = Rollout(step=step, keep=self.curriculum.keep(step), G=G, idx=list(idx), keeps=list(keeps),
+                     examples=[run.train_rows[i] for i in idx],
+                     hinted=[run.builder.prompt(e, k) for e, k in zip(encs, keeps)],
+                     plain=[run.builder.prompt(e, 0.0) for e in encs],
+                     hinted_rows=G - dropout_rows(G, c.curriculum.hint_dropout),
                      images=None if images is None else expand(images, G))
         if c.loss.sft_loss > 0:  # per group: (hint-free prompt, whole response) for the SFT loss
             ro.sft_targets = [(list(e.base), response_ids(run.builder, run.train_rows[i], e, run.tok.eos_token_id))
                               for i, e in zip(idx, encs)]
+        return ro
+
+    def rollout(self, step: int, round: int = 0) -> Rollout:
+        """G completions for each of the step's prompts (`round` > 0: dynamic sampling's further prompts).
+        Each example's prompt holds its kept hint (the schedule's keep, or its own with curriculum.per_example);
+        with hint_dropout the first dropout_rows(G) rows of every group get the hint-free prompt instead.
+        Row r belongs to group r // G."""
+        idx = self.batch_indices(step, round)
+        ro = self.assemble(step, idx, self.curriculum.example_keeps(step, idx))
+        G, h = ro.G, ro.hinted_rows
+        # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
+        outs = self._sample([(ro.plain, G - h), (ro.hinted, h)], ro)
         for g in range(len(idx)):  # each variant's output holds its groups' rows consecutively
-            for out, n, j0 in ((outs[0], n0, 0), (outs[1], G - n0, n0)):
+            for out, n in zip(outs, (G - h, h)):
                 for r in range(g * n, g * n + n) if n else ():
                     ro.completions.append(out.completions[r])
                     ro.rollout_logprobs.append(out.logprobs[r] if out.logprobs is not None else None)
                     ro.finish_reasons.append(out.finish_reasons[r])
         return ro
+
+    def resample_hinted(self, ro: Rollout, groups: list, counts: list | None = None) -> None:
+        """Sample the hinted rows of groups `groups` of `ro` again (from their current `hinted` prompts), in
+        place. `counts`: every process's number of such groups (all processes call this together)."""
+        if not ro.hinted_rows:
+            return
+        G, h = ro.G, ro.hinted_rows
+        out, = self._sample([([ro.hinted[g] for g in groups], h)], ro, counts=counts, groups=groups)
+        for j, g in enumerate(groups):
+            for k in range(h):
+                r, o = g * G + G - h + k, j * h + k
+                ro.completions[r] = out.completions[o]
+                ro.rollout_logprobs[r] = out.logprobs[o] if out.logprobs is not None else None
+                ro.finish_reasons[r] = out.finish_reasons[o]
+
+    def _sample(self, variants: list, ro: Rollout, counts=None, groups=None) -> list:
+        """One generate call per (prompts, samples per prompt) variant, inside the backend's generation context."""
+        tis = self.run.cfg.loss.tis_cap > 0  # truncated importance sampling needs the sampler's own log-probs
+        G = ro.G
+        images = None if ro.images is None else [ro.images[g * G] for g in (groups if groups is not None
+                                                                            else range(len(ro.idx)))]
+        with self.backend.generation():
+            return [self.generate([p.ids for p in prompts], self.sampling, n, counts=counts, return_logprobs=tis,
+                                  images=images) if n else None for prompts, n in variants]

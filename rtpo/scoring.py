@@ -53,10 +53,14 @@ class Scorer:
         sc = self.gather(Scores(rewards=torch.tensor(total, dtype=torch.float32), per_fn=per_fn, accuracy=acc,
                                 texts=texts, group_idx=list(ro.idx), group_keeps=list(ro.keeps),
                                 prompt_texts=ctx["prompts"]))
-        adv = group_advantages(sc.rewards, G, run.cfg.loss.scale_rewards, run.cfg.loss.adv_eps)
-        lo = self.comm.rank * len(ro)
-        sc.advantages = adv[lo:lo + len(ro)]
+        sc.advantages = self.advantages(sc.rewards, len(ro))
         return sc
+
+    def advantages(self, rewards: torch.Tensor, n: int) -> torch.Tensor:
+        """Group advantages of all processes' rows (`rewards`, in rank order) -> this process's n rows'."""
+        c = self.run.cfg
+        adv = group_advantages(rewards, c.rollout.num_generations, c.loss.scale_rewards, c.loss.adv_eps)
+        return adv[self.comm.rank * n:self.comm.rank * n + n]
 
     def gather(self, sc: Scores) -> Scores:
         """`sc` with every process's rows (in rank order) and groups; texts stay this process's."""

@@ -28,6 +28,7 @@ from rtpo.curriculum import Curriculum
 from rtpo.evaluation import Evaluation, reasoning_length
 from rtpo.metrics import (MetricsLog, NoLog, Samples, before_after_table, make_reporter, plot_metrics, reduce_as,
                           reduce_rows)
+from rtpo.refill import Refiller
 from rtpo.run import setup
 from rtpo.sampling import Sampler
 from rtpo.saving import Checkpointer
@@ -53,7 +54,7 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 # computed from the gathered rewards (or the same on every process): already global
 reduce_as("same", "step", "keep", "lr", "reward", "reward_std", "accuracy", "zero_var_groups", "all_wrong_groups",
-          "all_right_groups", "mean_example_keep")
+          "all_right_groups", "mean_example_keep", "rollouts", "refill_rounds", "rerolled_groups")
 
 
 class Trainer:
@@ -77,6 +78,7 @@ class Trainer:
         self.sampler = Sampler(run, self.backend, Curriculum(cfg.curriculum, cfg.run.max_steps),
                                torch.Generator().manual_seed(cfg.run.seed))
         self.scorer, self.evaluation = Scorer(run, self.comm), Evaluation(run, self.comm, self.backend)
+        self.refiller = Refiller(run, self.sampler, self.scorer, self.comm)
         self.checkpointer, self.samples = Checkpointer(run, self.backend, self.log), Samples(cfg.log.sample_groups)
         self.step = self.consecutive_skips = self.skipped_total = 0
         self._stop_signal = self._signalled = None  # why the loop stops; the first SIGINT/SIGTERM received
@@ -91,12 +93,13 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "curriculum": self.sampler.curriculum.state_dict(),
                 "generator": self.sampler.gen.get_state(), "consecutive_skips": self.consecutive_skips,
-                "skipped_total": self.skipped_total}
+                "skipped_total": self.skipped_total, "extra_prompts": self.sampler.extra_prompts}
 
     def load_state_dict(self, st: dict) -> None:
         self.step, self.consecutive_skips, self.skipped_total = st["step"], st["consecutive_skips"], st["skipped_total"]
         self.sampler.curriculum.load_state_dict(st["curriculum"])
         self.sampler.gen.set_state(st["generator"])
+        self.sampler.extra_prompts = int(st.get("extra_prompts", 0))  # absent in checkpoints from before dynamic sampling
 
     def save(self) -> str:
         """The checkpoint of this step (its path, on every process once it is in place)."""
@@ -109,6 +112,7 @@ class Trainer:
         ro = self.sampler.rollout(step)
         t1 = time.perf_counter()
         sc = self.scorer.score(ro)
+        ro, sc, refill = self.refiller.refill(ro, sc)  # hint re-roll, dynamic sampling (both off by default)
         self.samples.observe(ro, sc)
         t2 = time.perf_counter()
         up = self.updater.update(ro, sc)
@@ -133,6 +137,7 @@ class Trainer:
         for name, vals in sc.per_fn.items():
             row[f"reward/{name}"] = float(np.mean(vals))
             row[f"reward_std/{name}"] = float(np.std(vals))
+        row.update(refill.metrics())
         row.update(up)
         row["lr"] = self.backend.lr()
         row.update({"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_step": time.perf_counter() - t0})

@@ -41,6 +41,8 @@ def test_yaml_and_json_files_then_cli_wins(tmp_path):
     (["--curriculum.values", "[0.1,0.2]"], "curriculum.values needs"),
     (["--curriculum.floor", "1.5"], r"curriculum.floor = 1.5 must be in \[0, 1\]"),
     (["--rollout.max_new_tokens", "-3"], "rollout.max_new_tokens = -3 must be > 0"),
+    (["--curriculum.reroll_keep", "1.5"], r"curriculum.reroll_keep = 1.5 must be in \[0, 1\]"),
+    (["--rollout.dynamic_sampling", "-1"], "rollout.dynamic_sampling = -1 must be >= 0"),
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["stray"], "unexpected argument 'stray'"),
 ])

@@ -237,7 +237,8 @@ def tiny(out, cache, *extra):
 COMPARED = ["keep", "injected_tokens", "completion_tokens", "reasoning_tokens", "reward", "reward_std", "accuracy",
             "zero_var_groups", "truncated_completions", "loss", "grad_norm", "clip_frac", "kl", "entropy", "lr",
             "skipped_updates", "eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens",
-            "all_wrong_groups", "all_right_groups", "mean_example_keep", "hint_nll"]
+            "all_wrong_groups", "all_right_groups", "mean_example_keep", "hint_nll", "rollouts", "refill_rounds",
+            "rerolled_groups"]
 TOL = 1e-5
 
 
@@ -323,6 +324,10 @@ SCENARIOS = {
     "zero2_trace": (["--loss.sft_loss", "0.5", "--loss.sft_decay", "linear", "--loss.hint_advantage", "true",
                      "--loss.hint_top_entropy", "0.5", "--curriculum.hint_dropout", "0.5", "--curriculum.per_example",
                      "true", "--curriculum.per_example_start", "0.5"], "zero2", 3),
+    # hint re-roll of all-wrong groups (uneven across processes) and dynamic sampling (the kept groups dealt out
+    # again across processes); 2 groups per process
+    "zero2_refill": (["--curriculum.schedule", "none", "--curriculum.reroll_keep", "0.5", "--rollout.dynamic_sampling",
+                      "1", "--loss.hint_loss", "0.5", "--rollout.prompts_per_step", "4"], "zero2", 3),
     # LoRA: only the adapters in the optimizer; beta > 0 with the reference = the policy with adapters
     # disabled (no reference engine); ZeRO-3 partitions the frozen base too; 2 passes (old log-probs)
     "zero2_lora": (["--lora.r", "4", "--loss.beta", "0.1", "--lr", "1e-2"], "zero2", 3),
@@ -349,7 +354,10 @@ def worker(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     cache = base / "cache"
     runs = []
+    only = os.environ.get("RTPO_TEST_SCENARIOS")  # e.g. zero2,zero2_refill: run just these (while developing)
     for name, (extra, ds, _) in SCENARIOS.items():
+        if only and name not in only.split(","):
+            continue
         if name == "zero3_offload" and not cpu_adam_built():
             continue
         single(tiny(base / f"{name}-1proc", cache, *extra))  # first: fills the warm-start cache the processes share
@@ -379,6 +387,8 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     resumed from its DeepSpeed checkpoint, so signal agreement and resume are exact too. With LoRA (ZeRO-2 and
     ZeRO-3, both stopped and resumed the same way) the adapters and the base written for them agree too."""
     worker, summaries = worker
+    if os.environ.get("RTPO_TEST_SCENARIOS") and name not in os.environ["RTPO_TEST_SCENARIOS"].split(","):
+        pytest.skip(f"{name}: not in RTPO_TEST_SCENARIOS")
     if not (worker / name).exists():
         pytest.skip(f"{name}: DeepSpeed's CPU Adam op is not built (a JIT compile of minutes on first use); "
                     "set RTPO_TEST_BUILD_CPU_ADAM=1 to build it and run this case")
@@ -387,6 +397,11 @@ def test_two_deepspeed_processes_equal_one_process(worker, name):
     print(f"{name}: max |metric diff| {metric:.3g}, max |weight diff| {weight:.3g}")
     assert metric < TOL and weight < TOL
     only_rank0_outputs(worker / name, lora="lora" in name)
+    if name == "zero2_refill":  # both refills acted (in the runs compared above)
+        from rtpo.metrics import read_metrics
+
+        rows = [r for r in read_metrics(worker / name / "metrics.jsonl") if "reward" in r]
+        assert any(r["rerolled_groups"] > 0 for r in rows) and any(r["refill_rounds"] > 0 for r in rows)
     if "lora" in name:  # the base the adapter names was written once, gathered, before any update: the same
         from safetensors.torch import load_file
 
