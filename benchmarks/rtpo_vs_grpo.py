@@ -62,10 +62,15 @@ ARMS = {
                        "true", "--curriculum.per_example_start", "0"],
     "rtpo_prefix_rft": ["--curriculum.schedule", "cosine", "--curriculum.hint_dropout", "0.5",
                         "--loss.hint_advantage", "true", "--loss.hint_top_entropy", "0.2"],
+    # round 4, post hoc (the within-step form of hints on demand; DAPO's dynamic sampling as a non-hint baseline)
+    "grpo_dynamic": ["--curriculum.schedule", "none", "--rollout.dynamic_sampling", "3"],
+    "rtpo_reroll": ["--curriculum.schedule", "none", "--curriculum.reroll_keep", "0.5"],
+    "rtpo_reroll_hint_loss": ["--curriculum.schedule", "none", "--curriculum.reroll_keep", "0.5", "--loss.hint_loss",
+                              "1.0"],
     "rtpo_linear": ["--curriculum.schedule", "linear"],
     "rtpo_adaptive": ["--curriculum.schedule", "adaptive"],
 }
-NON_HINT = ("grpo", "grpo_sft", "grpo_sft_decay", "sft_then_grpo")
+NON_HINT = ("grpo", "grpo_sft", "grpo_sft_decay", "sft_then_grpo", "grpo_dynamic")
 DEFAULT_ARMS = ["grpo", "grpo_sft", "grpo_sft_decay", "sft_then_grpo", "rtpo_cosine", "rtpo_hint_loss",
                 "rtpo_on_demand", "rtpo_prefix_rft"]
 REGIMES = {"hard": ["--preset", "hard"], "default": [],
@@ -76,7 +81,8 @@ REGIMES = {"hard": ["--preset", "hard"], "default": [],
                        "--warmstart.reasoning_fraction", "0.1"]}
 STEP_KEYS = ("step", "keep", "mean_example_keep", "injected_tokens", "reward", "accuracy", "reasoning_tokens",
              "completion_tokens", "zero_var_groups", "all_wrong_groups", "all_right_groups", "hint_nll", "sft_nll",
-             "clip_frac", "entropy", "grad_norm", "fwd_tokens", "sup_tokens", "time_step")
+             "clip_frac", "entropy", "grad_norm", "fwd_tokens", "sup_tokens", "time_step", "rollouts", "refill_rounds",
+             "rerolled_groups")
 EVAL_KEYS = ("eval/accuracy", "eval/format", "eval/reasoning_tokens", "eval/completion_tokens")
 FULL = {"steps": None, "seeds": "1,2,3", "eval_examples": 256, "eval_every": 20}   # None: the regime's default
 QUICK = {"steps": 24, "seeds": "1,2", "eval_examples": 128, "eval_every": 12}
@@ -176,8 +182,9 @@ def t_interval(xs: list) -> tuple:
     return statistics.mean(xs), t * statistics.stdev(xs) / len(xs) ** 0.5
 
 
-def summarize(runs: list, arms: list, first_n: int) -> list:
-    """One row per arm: mean +- std over seeds; accuracy differences to GRPO are paired by seed."""
+def summarize(runs: list, arms: list, first_n: int, per_step: int) -> list:
+    """One row per arm: mean +- std over seeds; accuracy differences to GRPO are paired by seed. per_step:
+    prompts_per_step x G (the rollouts of a step without refills)."""
     by = {(r["arm"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     rows = []
@@ -200,6 +207,7 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
             "wall_s": [r["wall_s"] for r in rs],
             "fwd_tokens": [r.get("fwd_tokens") for r in rs],
             "sup_tokens": [sum(s.get("sup_tokens") or 0 for s in r["steps"]) + (r.get("sft_tokens") or 0) for r in rs],
+            "rollouts": [rollouts(r, per_step) for r in rs],
         }
         if arm != "grpo" and all(("grpo", r["seed"]) in by for r in rs):
             per["d_final_acc"] = [r["evals"][-1]["eval/accuracy"] - by[("grpo", r["seed"])]["evals"][-1]["eval/accuracy"]
@@ -217,6 +225,12 @@ def summarize(runs: list, arms: list, first_n: int) -> list:
         rows.append(row)
     _versus_best_non_hint(rows, by)
     return rows
+
+
+def rollouts(run: dict, per_step: int) -> int:
+    """Completions sampled over a run: its `rollouts` metric (re-rolls and dynamic sampling's extra rounds
+    included), or per_step (prompts_per_step x G) a step for runs from before the metric."""
+    return int(sum(s.get("rollouts") or per_step for s in run["steps"]))
 
 
 def _versus_best_non_hint(rows: list, by: dict) -> None:
@@ -267,10 +281,11 @@ def print_table(rows, meta):
     hdr = (f"{'arm':17} {'final acc %':>13} {'Δ vs GRPO (pp)':>15} {'Δ best (pp)':>13} {'curve acc %':>13} "
            f"{'Δ curve GRPO':>13} {'Δ curve best':>13} {'all-wrong 0-20':>15} "
            f"{'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'fwd+bwd Mtok':>13} {'trace Mtok':>11} "
-           f"{'wall s/run':>11}")
+           f"{'rollouts k':>11} {'wall s/run':>11}")
     print(hdr)
     print("-" * len(hdr))
     mtok = lambda ms: (ms[0] / 1e6, ms[1] / 1e6) if ms and ms[0] is not None else None  # noqa: E731
+    kilo = lambda ms: (ms[0] / 1e3, ms[1] / 1e3) if ms and ms[0] is not None else None  # noqa: E731
     for r in rows:
         print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>15} "
               f"{_ci(r.get('d_best_final_acc_ci95'), 100):>13} "
@@ -278,7 +293,7 @@ def print_table(rows, meta):
               f"{_ci(r.get('d_best_auc_acc_ci95'), 100):>13} {fmt(r['all_wrong_first20'], 2):>15} "
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
               f"{fmt(r['keep_mean'], 2):>10} {fmt(mtok(r.get('fwd_tokens')), 2):>13} "
-              f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(r['wall_s'], 0):>11}")
+              f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(kilo(r.get('rollouts')), 1):>11} {fmt(r['wall_s'], 0):>11}")
 
 
 # ----------------------------------------------------------------------------- plot
@@ -372,6 +387,9 @@ def parse(argv=None):
     ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                     help="no training: the cross-regime table, round 3's criteria and the recommended arm of these "
                          "results files (one per regime)")
+    ap.add_argument("--add-to", metavar="JSON", default=None,
+                    help="run --arms for the seeds, regime, steps and evaluation of this results file and add them to "
+                         "it (paired with its runs: same warm-start and seeds); its summary and PNG are recomputed")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rtpo_vs_grpo[_quick].json); "
                     "the PNG goes beside it")
     args = ap.parse_args(argv)
@@ -400,7 +418,7 @@ def resummarize(path: str) -> dict:
     runs, meta = data["runs"], data["meta"]
     arms = [r["arm"] for r in data["summary"]]
     meta.setdefault("regime", data["env"]["args"].get("regime", "default"))
-    data["summary"] = summarize(runs, arms, meta["first_n"])
+    data["summary"] = summarize(runs, arms, meta["first_n"], meta["prompts_per_step"] * meta["G"])
     plot(runs, arms, os.path.splitext(path)[0] + ".png", plot_title(meta))
     write_json(path, data)
     print_table(data["summary"], meta)
@@ -510,12 +528,38 @@ def combine(paths: list) -> dict:
     return {"regimes": list(regimes), "wins": wins, "recommended": best, "criterion2": ok, "losses": losses}
 
 
+def add_to(path: str, args) -> dict:
+    """Runs of args.arms added to an existing results file, at its settings (regime, seeds, steps, held-out rows,
+    evaluation interval); the file records what was added when, and its summary, table and PNG are recomputed."""
+    with open(path) as f:
+        data = json.load(f)
+    old = data["env"]["args"]
+    for k in ("regime", "steps", "eval_examples", "eval_every", "lr"):
+        setattr(args, k, old.get(k, getattr(args, k)))
+    args.set = list(old.get("set", [])) + [kv for kv in args.set if kv not in old.get("set", [])]
+    arms = [a for a in args.arms.split(",")]
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    new = run_all(arms, data["meta"]["seeds"], args)
+    keep = {(r["arm"], r["seed"]) for r in new}
+    data["runs"] = [r for r in data["runs"] if (r["arm"], r["seed"]) not in keep] + \
+        [{k: v for k, v in r.items() if k != "config"} for r in new]
+    data["env"].setdefault("added", []).append(
+        {"arms": arms, "date": time.strftime("%Y-%m-%d"), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+         "total_s": time.perf_counter() - t0, "rl_config": new[0]["config"]})
+    summary_arms = [r["arm"] for r in data["summary"]]
+    data["summary"] = [{"arm": a} for a in summary_arms + [a for a in arms if a not in summary_arms]]
+    write_json(path, data)
+    return resummarize(path)
+
+
 def main(argv=None):
     args = parse(argv)
     if args.summarize:
         return resummarize(args.summarize)
     if args.combine:
         return combine(args.combine)
+    if args.add_to:
+        return add_to(args.add_to, args)
     import torch
 
     arms = args.arms.split(",")
@@ -528,7 +572,7 @@ def main(argv=None):
     first_n = max(1, min(10, n // 4))
     meta = {"regime": args.regime, "steps": n, "prompts_per_step": c["rollout"]["prompts_per_step"], "G": c["rollout"]["num_generations"],
             "lr": c["optim"]["lr"], "seeds": seeds, "eval_examples": args.eval_examples, "first_n": first_n}
-    rows = summarize(runs, arms, first_n)
+    rows = summarize(runs, arms, first_n, meta["prompts_per_step"] * meta["G"])
     total = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     png = plot(runs, arms, os.path.splitext(args.out)[0] + ".png", plot_title(meta))

@@ -75,6 +75,19 @@ def test_rtpo_vs_grpo_smoke_writes_table_json_and_png(tmp_path, capsys):
     assert json.loads(json.dumps(again["summary"])) == data["summary"]
     assert os.path.getsize(res["png"]) > 0
     assert data["rl_hyperparameters"]["optim"]["lr"] > 0  # the defaults used are recorded
+    # --add-to: more arms, paired with the file's runs (its seeds, steps and evaluation); the old runs stay as they were
+    bench.main(["--add-to", str(out), "--arms", "rtpo_reroll,grpo_dynamic", "--workdir", str(tmp_path / "runs2")]
+               + tiny_set(tmp_path / "cache"))
+    added = json.loads(out.read_text())
+    assert [r["arm"] for r in added["summary"]] == arms + ["rtpo_reroll", "grpo_dynamic"]
+    assert added["runs"][:len(data["runs"])] == data["runs"] and len(added["runs"]) == len(data["runs"]) + 4
+    new = {(r["arm"], r["seed"]): r for r in added["runs"][len(data["runs"]):]}
+    assert set(new) == {(a, s) for a in ("rtpo_reroll", "grpo_dynamic") for s in (1, 2)}
+    assert all([s["step"] for s in r["steps"]] == [0, 1, 2] and r["evals"][-1]["step"] == 3 for r in new.values())
+    rows = {r["arm"]: r for r in added["summary"]}
+    per_step = added["meta"]["prompts_per_step"] * added["meta"]["G"]
+    assert rows["grpo"]["rollouts"][0] == 3 * per_step and rows["grpo_dynamic"]["rollouts"][0] >= 3 * per_step
+    assert "d_best_final_acc_ci95" in rows["rtpo_reroll"] and "d_best_final_acc_ci95" not in rows["grpo_dynamic"]
 
 
 def test_t_interval_matches_a_hand_computed_example():
