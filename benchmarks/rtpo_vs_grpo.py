@@ -95,7 +95,8 @@ def trainer_argv(arm: str, seed: int, out: str, args, sft_steps: int = 0) -> lis
 
     argv = REGIMES[args.regime] + ["--run.output_dir", out, "--run.overwrite", "true", "--run.seed", str(seed),
             "--log.progress", "false", "--log.plot", "false", "--checkpoint.every", "0",
-            "--eval.num_examples", str(args.eval_examples), "--eval.every", str(args.eval_every)]
+            "--eval.num_examples", str(args.eval_examples), "--eval.every", str(args.eval_every),
+            "--loss.hint_loss", "0"]  # the arms name the hint loss where they use it (the project default is 1)
     if args.eval_examples > parse_args(REGIMES[args.regime]).data.num_eval:  # hold out more rows; fewer: the first ones
         argv += ["--data.num_eval", str(args.eval_examples)]
     if args.steps:

@@ -187,7 +187,9 @@ class LossConfig:
     adv_eps: float = 1e-4
     num_iterations: int = 1         # passes over each rollout batch
     entropy_coef: float = 0.0
-    hint_loss: float = 0.0          # weight of a log-likelihood loss on the injected hint tokens (UFT-style)
+    # weight of a log-likelihood loss on the injected hint tokens (UFT-style). 1 since round 4: the setting
+    # benchmarks/rtpo_vs_grpo.py recommends (README "Benchmarks"); 0 = the curriculum alone, as the original work
+    hint_loss: float = 1.0
     # Prefix-RFT: the injected hint is part of each hinted row's trajectory and its tokens get that row's
     # advantage in the policy loss (off-policy tokens, clipped like the rest); with hint_top_entropy < 1 only
     # that fraction of a row's hint tokens (the highest-entropy ones) do. Needs rows without the hint in the

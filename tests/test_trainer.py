@@ -50,6 +50,21 @@ def test_end_to_end_writes_metrics_checkpoint_and_config(tmp_path):
     assert summary["steps"] == 4 and "eval/accuracy" in summary["eval_after"]
 
 
+def test_the_default_is_the_recommended_rtpo_setting(tmp_path):
+    """`python train.py` with no flags runs what benchmarks/rtpo_vs_grpo.py recommends: the cosine curriculum with
+    the hint loss (weight 1), so the first steps train on the hint tokens (hint_nll is logged and the hint
+    tokens enter the update); tiny sizes aside, nothing about the method is overridden here."""
+    cfg = parse_args([])
+    assert (cfg.curriculum.schedule, cfg.loss.hint_loss) == ("cosine", 1.0)
+    out = tmp_path / "run"
+    argv = [a for a in tiny_args(out, tmp_path / "cache", "--max_steps", "2", "--eval.num_examples", "0")]
+    i = argv.index("--loss.hint_loss")
+    del argv[i:i + 2]  # the project default, not the tests' 0
+    run(argv)
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert steps[0]["keep"] == 1.0 and steps[0]["hint_nll"] > 0 and steps[0]["sup_tokens"] > 0
+
+
 def test_resume_continues_from_saved_step_exactly(tmp_path):
     """4 steps straight == 2 steps + --resume + 2 steps: same metrics rows (timings aside) and
     bit-identical final weights."""
