@@ -1,7 +1,8 @@
 """The sampling stage: a step's prompts, their completions, and the Rollout that holds them.
 
-The step's prompts are a pure function of (seed, step) and the checkpointed curriculum state, so a
-resumed run (and W processes, each taking its contiguous share) samples exactly what one process would.
+The step's prompts are a pure function of (seed, step) and the checkpointed curriculum state and data
+cursor (`extra_prompts`, moved only by dynamic sampling), so a resumed run (and W processes, each taking
+its contiguous share) samples exactly what one process would.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ losses / rewards; each stage in its own module.
 One training step:
     Sampler.rollout (rtpo/sampling.py: prompts cut at keep(step) -> G completions each) -> Rollout
     -> Scorer.score (rtpo/scoring.py: rewards -> gathered -> group advantages) -> Scores
+    -> Refiller.refill (rtpo/refill.py: all-wrong groups re-rolled with a hint, zero-variance groups replaced
+       by new prompts; both off by default) -> Rollout, Scores
     -> Updater.update (rtpo/update.py: old / reference log-probs, then num_iterations x mini_batches
        optimizer updates, each accumulating over micro batches) -> update metrics.
 The run it trains (`rtpo.run.setup`) is built once; Evaluation (rtpo/evaluation.py) and Checkpointer
