@@ -68,7 +68,7 @@ TRL_PINNED = {  # TRL default -> the value used here (rtpo's)
     "adam_beta2": "0.999 -> 0.99",
     "learning_rate": "1e-6 -> rtpo's optim.lr",
     "lr_scheduler_type": "linear -> constant",
-    "max_completion_length": "512 -> 64",
+    "max_completion_length": "512 -> rtpo's rollout.max_new_tokens (64 embedded, 128 --model)",
     "logging_steps": "10 -> 1 (TRL's per-step metrics are read for the table)",
     "shuffle_dataset": "True -> False (both sides see rtpo's prompt order)",
     "use_bias_correction_kl": "True -> False (KL x ratio; only acts when beta > 0, which the timing does not use)",
@@ -95,12 +95,41 @@ RTPO_VARIANTS = {
 }
 
 
+# Step sizes: rtpo's defaults for the embedded model; for a real model (--model) a smaller batch of longer
+# completions, so that a CPU step takes tens of seconds (rollout sizes of issue 23: G 8, 128 new tokens).
+SIZES = {"embedded": {"prompts": 8, "G": 8, "new_tokens": 64, "micro_batch": 16},
+         "model": {"prompts": 4, "G": 8, "new_tokens": 128, "micro_batch": 16}}
+
+
+SIZING_NOTE = ("embedded: rtpo's default step (8 prompts x G 8, 64 new tokens, 4 micro batches of 16). --model: "
+               "4 prompts x G 8 with up to 128 new tokens (issue 23's rollout shape), 2 micro batches of 16; on the "
+               "2-core CPU one SmolLM2-135M step is tens of seconds per side, so the run is sized by --steps / "
+               "--warmup (README: 3 timed + 1 warm-up per side) to fit keep 0 and 1 at 1 and 2 threads in about "
+               "an hour.")
+
+
+def sizes(args) -> dict:
+    base = SIZES["model" if args.model else "embedded"]
+    return {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
+
+
+def model_argv(args) -> list:
+    """rtpo flags of the model, task and step sizes: the embedded default, or `--preset` (smollm2: the
+    wordproblems task) with `--model` for any causal LM rtpo loads."""
+    argv = []
+    if args.model:
+        argv += ["--preset", args.preset or "smollm2", "--model", args.model]
+    z = sizes(args)
+    return argv + ["--rollout.prompts_per_step", str(z["prompts"]), "--rollout.num_generations", str(z["G"]),
+                   "--rollout.max_new_tokens", str(z["new_tokens"]), "--optim.micro_batch_size", str(z["micro_batch"])]
+
+
 def rtpo_trainer(args, out_dir, threads, variant="rtpo"):
     """rtpo's Trainer at its defaults (log-prob layout `variant`), with the prompt schedule fixed to `--keep`."""
     from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
-    argv = ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
+    argv = model_argv(args) + ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
             "--run.num_threads", str(threads), "--run.max_steps", str(args.warmup + args.steps + 2),
             "--log.progress", "false", "--log.plot", "false", "--eval.num_examples", "0"]
     if args.keep > 0:
@@ -598,7 +627,9 @@ DIFFERENCES = [
 # ----------------------------------------------------------------------------- report
 
 def print_table(timings, args):
-    print(f"\n## RL step, rtpo vs TRL GRPOTrainer {timings[0]['trl_version']} (8 prompts x G=8, <= 64 new tokens, "
+    z = sizes(args)
+    print(f"\n## RL step, rtpo vs TRL GRPOTrainer {timings[0]['trl_version']}, {args.model or 'embedded'} "
+          f"({z['prompts']} prompts x G={z['G']}, <= {z['new_tokens']} new tokens, "
           f"median of {args.steps} alternating steps after {args.warmup} warm-up)")
     print("rtpo: packed rows, prompt shared (default); rtpo_unshared: packed, prompt per completion; "
           "rtpo_padded: one left-padded row per completion (before)")
@@ -629,6 +660,13 @@ def main():
     ap.add_argument("--sides", default=",".join(list(RTPO_VARIANTS) + ["trl"]),
                     help=f"what is timed, alternating: trl and rtpo's log-prob layouts ({', '.join(RTPO_VARIANTS)})")
     ap.add_argument("--lr", type=float, default=None, help="default: rtpo's optim.lr, for both sides")
+    ap.add_argument("--model", default=None, help="any causal LM rtpo loads (e.g. smollm2-135m, offline); "
+                    "default: the embedded model")
+    ap.add_argument("--preset", default=None, help="rtpo preset with --model (default smollm2: the wordproblems task)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8 embedded, 4 --model)")
+    ap.add_argument("--G", type=int, default=None, help="completions per prompt (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64 embedded, 128 --model)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per micro batch (default 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check-loss", dest="check_loss", action="store_false")
     ap.add_argument("--no-timing", dest="timing", action="store_false")
@@ -655,7 +693,20 @@ def main():
               f"found {trl.__version__}", flush=True)
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    timings = []
+    timings, loss = [], None
+
+    def save():  # after every A/B run and at the end: a long run that stops keeps what it measured
+        env = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+               "accelerate": __import__("accelerate").__version__, "cpus": os.cpu_count(),
+               "platform": platform.platform(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+               "total_s": time.perf_counter() - t_start, "args": vars(args)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "model": args.model or "embedded", "sizes": sizes(args),
+                       "sizing_note": SIZING_NOTE, "trl_settings_pinned": TRL_PINNED, "timing": timings,
+                       "loss_equality": loss, "definitional_differences": DIFFERENCES}, f, indent=1)
+        return env
+
     if args.timing:
         for keep in keeps:
             args.keep = keep
@@ -664,20 +715,13 @@ def main():
                 r = time_sides(args, n)
                 r["trl_version"] = trl.__version__
                 timings.append(r)
+                save()
         args.keep = keeps[0]  # the loss check's prompts
-    loss = None
     if args.check_loss:
         print("\n# loss equality: identical inputs into rtpo.losses.policy_loss and GRPOTrainer._compute_loss",
               flush=True)
         loss = check_loss(args)
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-           "accelerate": __import__("accelerate").__version__, "cpus": os.cpu_count(),
-           "platform": platform.platform(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-           "total_s": time.perf_counter() - t_start, "args": vars(args)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "trl_settings_pinned": TRL_PINNED, "timing": timings, "loss_equality": loss,
-                   "definitional_differences": DIFFERENCES}, f, indent=1)
+    env = save()
     if loss:
         bad = [c for c in loss["cases"] if c["equal_1e-6"] != c["expected_equal"]]
         print(f"\nloss equality: {sum(c['equal_1e-6'] for c in loss['cases'])}/{len(loss['cases'])} cases equal to "
