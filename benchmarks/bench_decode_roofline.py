@@ -20,13 +20,14 @@ Both limits are measured in this process at its thread count: bandwidth as the b
 1 GiB fp32 tensor (torch.sum), the matmul peak as in bench_update_flops.py (best square fp32 matmul).
 They vary by machine and by load: the table reports them beside the ratio.
 
-Profile (torch.profiler, one forced-length generate): self CPU time per op, grouped as matmuls of the
+Profile (torch.profiler, one forced-length generate of --profile-tokens tokens): self CPU time per op, grouped as matmuls of the
 decoder body, the LM head (any matmul with a vocabulary-sized dimension), attention (inside
 scaled_dot_product_attention), sampling (inside rtpo.generation.sample_tokens), other ops (norms, RoPE,
 elementwise, cache concatenation), and Python / framework overhead = wall time - every op's self time.
 
 Levers, each an option of rtpo.generation, A/B in one run with the configs interleaved per repeat and
-real EOS (what the trainer runs): compaction of finished rows off vs "auto"; the static cache; the
+real EOS (what the trainer runs): the LM head through F.linear (before) vs weight @ hidden^T
+(rtpo.generation.CPU_TRANSPOSED_HEAD, now the CPU default); compaction of finished rows off vs "auto"; the static cache; the
 static cache with torch.compile on CPU (inductor; its compile time is reported apart, not timed);
 the prefill's LM head at every position instead of only the last (logits_to_keep off).
 
@@ -170,13 +171,18 @@ def profile_decode(model, prompts, sampling, G, vocab, **kw) -> dict:
         out = generate(model, prompts, sampling, num_samples=G, generator=torch.Generator().manual_seed(0), **kw)
         wall = time.perf_counter() - t0
     groups = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    ops: dict = {}
     for ev in prof.events():
         if ev.device_type.name != "CPU" or ev.name == "rtpo.sample_tokens":
             continue
-        groups[classify(ev, vocab)] += ev.self_cpu_time_total / 1e6
+        g = classify(ev, vocab)
+        groups[g] += ev.self_cpu_time_total / 1e6
+        key = f"{g}: {ev.name}"
+        ops[key] = ops.get(key, 0.0) + ev.self_cpu_time_total / 1e6
     groups["Python / framework"] = max(0.0, wall - sum(groups.values()))
     return {"wall_s": wall, "prefill_s": out.stats["prefill_s"], "decode_s": out.stats["decode_s"],
             "seconds": groups, "share": {k: v / wall for k, v in groups.items()},
+            "top_ops_s": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:25]),
             "note": "whole generate call (prefill included: its share is prefill_s / wall_s); the profiler "
                     "adds its own per-op cost, which lands mostly in the Python / framework row"}
 
@@ -208,9 +214,21 @@ def cpu_compile():
         gen._COMPILED.pop("cpu", None)
 
 
+@contextlib.contextmanager
+def linear_head():
+    """The LM head through its own F.linear (rtpo.generation.CPU_TRANSPOSED_HEAD off): the earlier default."""
+    saved = gen.CPU_TRANSPOSED_HEAD
+    gen.CPU_TRANSPOSED_HEAD = False
+    try:
+        yield
+    finally:
+        gen.CPU_TRANSPOSED_HEAD = saved
+
+
 LEVERS = {
     # name: (generate kwargs, context manager factory or None)
     "default": ({}, None),
+    "linear_head": ({}, "linear_head"),
     "no_compaction": ({"compact": False}, None),
     "static_cache": ({"cache": "static"}, None),
     "static_compiled": ({"cache": "static", "compile": True}, "cpu_compile"),
@@ -219,7 +237,8 @@ LEVERS = {
 
 
 def _ctx(name, model):
-    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model)}.get(
+    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model),
+            "linear_head": linear_head}.get(
         name, contextlib.nullcontext)()
 
 
@@ -250,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each config (median)")
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"configs A/B'd with real EOS ({', '.join(LEVERS)})")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--profile-tokens", type=int, default=32, help="new tokens of the profiled call (the profiler "
+                    "keeps every op: a full-length call at 32 rows needs gigabytes)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 2 prompts x G 2, 8 new tokens (a smoke test)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_decode_roofline.json"))
     a = ap.parse_args(argv)
@@ -303,7 +324,8 @@ def main(argv=None):
           flush=True)
 
     # 2. profile of the same call
-    prof = profile_decode(model, prompts, forced, G, shape["vocab"], tokenizer=run.tok) if a.profile else None
+    short = SamplingConfig(**{**forced.__dict__, "max_new_tokens": min(a.profile_tokens, a.new_tokens)})
+    prof = profile_decode(model, prompts, short, G, shape["vocab"], tokenizer=run.tok) if a.profile else None
 
     # 3. levers with real EOS, interleaved
     results = {k: {"decode_s": [], "prefill_s": [], "wall_s": []} for k in levers}
