@@ -26,8 +26,7 @@ scaled_dot_product_attention), sampling (inside rtpo.generation.sample_tokens), 
 elementwise, cache concatenation), and Python / framework overhead = wall time - every op's self time.
 
 Levers, each an option of rtpo.generation, A/B in one run with the configs interleaved per repeat and
-real EOS (what the trainer runs): the LM head through F.linear (before) vs weight @ hidden^T
-(rtpo.generation.CPU_TRANSPOSED_HEAD, now the CPU default); compaction of finished rows off vs "auto"; the static cache; the
+real EOS (what the trainer runs): compaction of finished rows off vs "auto"; the static cache; the
 static cache with torch.compile on CPU (inductor; its compile time is reported apart, not timed);
 the prefill's LM head at every position instead of only the last (logits_to_keep off).
 
@@ -214,21 +213,9 @@ def cpu_compile():
         gen._COMPILED.pop("cpu", None)
 
 
-@contextlib.contextmanager
-def linear_head():
-    """The LM head through its own F.linear (rtpo.generation.CPU_TRANSPOSED_HEAD off): the earlier default."""
-    saved = gen.CPU_TRANSPOSED_HEAD
-    gen.CPU_TRANSPOSED_HEAD = False
-    try:
-        yield
-    finally:
-        gen.CPU_TRANSPOSED_HEAD = saved
-
-
 LEVERS = {
     # name: (generate kwargs, context manager factory or None)
     "default": ({}, None),
-    "linear_head": ({}, "linear_head"),
     "no_compaction": ({"compact": False}, None),
     "static_cache": ({"cache": "static"}, None),
     "static_compiled": ({"cache": "static", "compile": True}, "cpu_compile"),
@@ -237,8 +224,7 @@ LEVERS = {
 
 
 def _ctx(name, model):
-    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model),
-            "linear_head": linear_head}.get(
+    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model)}.get(
         name, contextlib.nullcontext)()
 
 

@@ -15,7 +15,6 @@ One call prefills every prompt once, then feeds one token per row per forward th
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
@@ -131,40 +130,6 @@ def _forward(model, ids, pos, mask, kv, extra=None) -> torch.Tensor:
     kw[kw.pop("cache_arg")] = kv
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw, **(extra or {}))
     return out.logits[:, -1].float()
-
-
-# CPU only: the LM head computed as weight @ hidden^T (a [V, H] x [H, B] product) instead of F.linear's
-# hidden @ weight^T. At decode the batch is a few dozen rows against a vocabulary-sized weight, and
-# on CPU the second form streams the weight 1.5-1.7x faster (SmolLM2-135M's 49k x 576 head at 16-32 rows;
-# benchmarks/bench_decode_roofline.py, lever "linear_head"). Only a plain nn.Linear head is replaced
-# (its forward, for the duration of one generate call), so model-specific scaling after it still applies.
-CPU_TRANSPOSED_HEAD = True
-
-
-def _transposed_linear(weight, bias):
-    def forward(x):
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.mm(weight, flat.t()).t()
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-    return forward
-
-
-@contextlib.contextmanager
-def _cpu_head(model, device):
-    """CPU_TRANSPOSED_HEAD on `model`'s output layer while generating (no-op elsewhere)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    usable = (CPU_TRANSPOSED_HEAD and device.type == "cpu" and type(head) is torch.nn.Linear
-              and "forward" not in vars(head) and head.weight.dim() == 2 and head.weight.numel() > 0)
-    if not usable:
-        yield
-        return
-    head.forward = _transposed_linear(head.weight, head.bias)
-    try:
-        yield
-    finally:
-        del head.forward
 
 
 _WARNED: set = set()
@@ -469,13 +434,12 @@ def generate(model, prompts: list, sampling: SamplingConfig, *, num_samples: int
         uniforms = draw_uniforms(sampling, N, generator).to(device)
 
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // G)
-    with _cpu_head(model, device):
-        for start in range(0, len(prompts), per_chunk):
-            _generate_chunk(model, prompts[start:start + per_chunk], start * G, G, sampling, uniforms, out,
-                            stats, tokenizer=tokenizer, share_prefix=share_prefix, cache=cache,
-                            step_fn=step_fn, compact_at=compact_at, compiled=compiled, device=device,
-                            images=None if images is None else images[start:start + per_chunk])
-            stats["chunks"] += 1
+    for start in range(0, len(prompts), per_chunk):
+        _generate_chunk(model, prompts[start:start + per_chunk], start * G, G, sampling, uniforms, out,
+                        stats, tokenizer=tokenizer, share_prefix=share_prefix, cache=cache,
+                        step_fn=step_fn, compact_at=compact_at, compiled=compiled, device=device,
+                        images=None if images is None else images[start:start + per_chunk])
+        stats["chunks"] += 1
     stats["tokens_generated"] = sum(len(c) for c in out["completions"])
     stats["compiled"] = compiled
     return GenerationOutput(out["completions"], out["reasons"], stats, out.get("logprobs"))

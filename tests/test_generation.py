@@ -367,37 +367,3 @@ def test_returned_logprobs_are_the_trainers_logprobs_of_the_sampled_tokens(qwen,
         lp, _ = completion_logprobs(qwen, batch, temperature=0.7, with_entropy=False)
     for i, row in enumerate(a.logprobs):
         assert torch.allclose(torch.tensor(row), lp[i, :len(row)].float(), atol=1e-4)
-
-
-def test_cpu_transposed_lm_head_is_used_and_changes_nothing(model, monkeypatch):
-    """On CPU the LM head runs as weight @ hidden^T during generate (CPU_TRANSPOSED_HEAD), restored after:
-    its logits equal F.linear's within float32 rounding, and greedy and sampled completions (with
-    compaction at staggered EOS) equal those of the plain head, which test_greedy_matches_hf_generate
-    ties to transformers' generate."""
-    import rtpo.generation as gen
-
-    head = model.get_output_embeddings()
-    x = torch.randn(5, 3, head.in_features)
-    torch.testing.assert_close(gen._transposed_linear(head.weight, head.bias)(x), head(x), rtol=1e-5, atol=1e-5)
-    calls = []
-    orig = gen._transposed_linear
-
-    def spy(w, b):
-        fwd = orig(w, b)
-
-        def counted(h):
-            calls.append(tuple(h.shape))
-            return fwd(h)
-        return counted
-
-    monkeypatch.setattr(gen, "_transposed_linear", spy)
-    eos = 11
-    greedy = dict(n=16, sc=dict(temperature=0.0, eos_token_ids=(eos,)))
-    sampled = dict(n=16, G=3, seed=4, compact=True, sc=dict(**SAMPLE, eos_token_ids=(eos, 12, 13)))
-    on = [run(model, **dict(greedy)).completions, run(model, **dict(sampled, sc=dict(sampled["sc"]))).completions]
-    assert calls and calls[0][1] == 1 and "forward" not in vars(head)  # used (prefill: last position only), restored
-    monkeypatch.setattr(gen, "CPU_TRANSPOSED_HEAD", False)
-    calls.clear()
-    off = [run(model, **dict(greedy)).completions, run(model, **dict(sampled, sc=dict(sampled["sc"]))).completions]
-    assert not calls and on == off
-    assert any(len(c) < 16 for c in on[1]) and len({len(c) for c in on[1]}) > 1  # staggered EOS: compaction ran
