@@ -238,6 +238,7 @@ def load(args, tmp):
             "--rollout.max_new_tokens", str(args.new_tokens), "--eval.num_examples", "0", "--log.progress", "false",
             "--run.output_dir", tmp, "--run.num_threads", str(args.threads), "--run.dtype", "float32"]
     argv += ["--model", args.model] if args.model else []
+    argv += list(args.extra)
     argv += (["--curriculum.schedule", "constant", "--curriculum.value", str(args.keep)] if args.keep > 0
              else ["--curriculum.schedule", "none"])
     return Trainer(parse_args(argv), log=lambda m: None)
@@ -259,6 +260,8 @@ def main(argv=None):
                     "keeps every op: a full-length call at 32 rows needs gigabytes)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 2 prompts x G 2, 8 new tokens (a smoke test)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_decode_roofline.json"))
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer flags (last), e.g. a tiny "
+                    "model: --extra --model.num_layers 1")
     a = ap.parse_args(argv)
     if a.quick:
         a.repeats, a.prompts, a.G, a.new_tokens = 1, 2, 2, 8

@@ -109,7 +109,7 @@ SIZING_NOTE = ("embedded: rtpo's default step (8 prompts x G 8, 64 new tokens, 4
 
 
 def sizes(args) -> dict:
-    base = SIZES["model" if args.model else "embedded"]
+    base = SIZES["model" if getattr(args, "model", None) else "embedded"]
     return {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
 
 
@@ -117,8 +117,8 @@ def model_argv(args) -> list:
     """rtpo flags of the model, task and step sizes: the embedded default, or `--preset` (smollm2: the
     wordproblems task) with `--model` for any causal LM rtpo loads."""
     argv = []
-    if args.model:
-        argv += ["--preset", args.preset or "smollm2", "--model", args.model]
+    if getattr(args, "model", None):
+        argv += ["--preset", getattr(args, "preset", None) or "smollm2", "--model", args.model]
     z = sizes(args)
     return argv + ["--rollout.prompts_per_step", str(z["prompts"]), "--rollout.num_generations", str(z["G"]),
                    "--rollout.max_new_tokens", str(z["new_tokens"]), "--optim.micro_batch_size", str(z["micro_batch"])]
