@@ -5,7 +5,8 @@ decoded by rtpo.generation.generate exactly as the sampler calls it (prefix shar
 compaction "auto"), fp32, in eval mode. Sizes default to issue 23's rollout shape: 4 prompts x G 8,
 128 new tokens. The headline run forces the full length (no EOS), so every decode step runs all rows.
 
-Roofline of one decode step (B rows, row r attending to ctx_r real positions; fp32, 4 bytes a value):
+Roofline of one decode step (B rows, row r attending to ctx_r real positions; fp32 on CPU, 4 bytes a
+value; on CUDA bf16 autocast, 2):
   bytes  = 4 * (N_body + H * V)                    every weight read once: decoder body and the LM head
          + 4 * 2 * L * kv_heads * head_dim * sum(ctx_r)    keys and values read by attention
   FLOPs  = 2 * B * (N_body + H * V)                every row through every matmul
@@ -17,7 +18,8 @@ are part of what the profile calls the rest. The roofline of the decode is the s
 (T - 1 forwards: the first token comes from the prefill's logits); efficiency = roofline / measured.
 
 Both limits are measured in this process at its thread count: bandwidth as the best read rate of a
-1 GiB fp32 tensor (torch.sum), the matmul peak as in bench_update_flops.py (best square fp32 matmul).
+1 GiB fp32 tensor (torch.sum), the matmul peak as in bench_update_flops.py (best square matmul in the
+compute dtype).
 They vary by machine and by load: the table reports them beside the ratio.
 
 Profile (torch.profiler, one forced-length generate of --profile-tokens tokens): self CPU time per op, grouped as matmuls of the
@@ -70,16 +72,17 @@ def decode_shape(model) -> dict:
     body = total - emb.numel() - (0 if head is emb else head.numel())
     return {"params": total, "body_params": body, "hidden": cfg.hidden_size, "vocab": head.shape[0],
             "layers": cfg.num_hidden_layers, "heads": heads, "kv_heads": cfg.num_key_value_heads,
-            "head_dim": head_dim, "tied": head is emb}
+            "head_dim": head_dim, "tied": head is emb, "bytes_per_value": emb.element_size()}
 
 
 def step_cost(shape: dict, ctx: list) -> dict:
     """Bytes read and FLOPs of one decode step; ctx[r] = positions row r attends to (its new token included)."""
     s = shape
+    nb = s.get("bytes_per_value", FP32)
     w = s["body_params"] + s["hidden"] * s["vocab"]
     n_ctx = sum(ctx)
-    kv_bytes = FP32 * 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * n_ctx
-    return {"bytes": FP32 * w + kv_bytes, "weight_bytes": FP32 * w, "kv_bytes": kv_bytes,
+    kv_bytes = nb * 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * n_ctx
+    return {"bytes": nb * w + kv_bytes, "weight_bytes": nb * w, "kv_bytes": kv_bytes,
             "flops": 2 * len(ctx) * w + 4 * s["layers"] * s["heads"] * s["head_dim"] * n_ctx}
 
 
@@ -103,23 +106,30 @@ def decode_roofline(shape: dict, prompt_lens: list, lengths: list, bandwidth: fl
 
 # ----------------------------------------------------------------------------- machine limits
 
-def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> dict:
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(gib: float = 1.0, reps: int = 5, device=torch.device("cpu")) -> dict:
     """Best read bandwidth (bytes/s): torch.sum over a float32 tensor of `gib` GiB, far above the caches."""
-    x = torch.ones(int(gib * 2**30) // FP32)
+    x = torch.ones(int(gib * 2**30) // FP32, device=device)
     x.sum()
     times = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         x.sum()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return {"bytes_per_s": x.numel() * FP32 / min(times), "gib": gib}
 
 
-def matmul_peak(sizes=(512, 1024, 2048)) -> float:
+def matmul_peak(device=torch.device("cpu"), dtype=torch.float32) -> float:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_update_flops import matmul_peak as peak
 
-    return peak(torch.device("cpu"), torch.float32, sizes)["flops"]
+    return peak(device, dtype, (4096, 8192) if device.type == "cuda" else (512, 1024, 2048))["flops"]
 
 
 # ----------------------------------------------------------------------------- profile
@@ -162,7 +172,7 @@ def classify(event, vocab: int) -> str:
 
 
 def profile_decode(model, prompts, sampling, G, vocab, **kw) -> dict:
-    """Self CPU time by group over one generate call (prefill excluded by subtraction of its own stats)."""
+    """Self CPU time by group over one generate call (its prefill included: prefill_s says how much)."""
     from torch.profiler import ProfilerActivity, profile
 
     with labelled_sampling(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -236,7 +246,8 @@ def load(args, tmp):
 
     argv = ["--preset", args.preset, "--rollout.prompts_per_step", str(args.prompts), "--G", str(args.G),
             "--rollout.max_new_tokens", str(args.new_tokens), "--eval.num_examples", "0", "--log.progress", "false",
-            "--run.output_dir", tmp, "--run.num_threads", str(args.threads), "--run.dtype", "float32"]
+            "--run.output_dir", tmp, "--run.num_threads", str(args.threads), "--run.device", args.device,
+            "--run.dtype", "bfloat16" if args.device == "cuda" else "float32"]
     argv += ["--model", args.model] if args.model else []
     argv += list(args.extra)
     argv += (["--curriculum.schedule", "constant", "--curriculum.value", str(args.keep)] if args.keep > 0
@@ -253,6 +264,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.0, help="fixed hint fraction of the prompts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cuda: bf16 weights, bf16 matmul peak, no profile "
+                    "(benchmarks/gpu_check.sh)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each config (median)")
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"configs A/B'd with real EOS ({', '.join(LEVERS)})")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
@@ -273,6 +286,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tr = load(a, tmp)
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
     run, model = tr.run, tr.run.model.eval()
     _, _, prompts = tr.sampler.step_prompts(0)
     prompts = [p.ids for p in prompts]
@@ -281,19 +295,22 @@ def main(argv=None):
                           eos_token_ids=run.eos_ids, pad_token_id=run.tok.pad_token_id)
     forced = SamplingConfig(**{**real.__dict__, "eos_token_ids": ()})
     G, shape = a.G, decode_shape(model)
+    compute_dtype = run.amp_dtype or next(model.parameters()).dtype  # CUDA: bf16 autocast, as the sampler runs
+    shape["bytes_per_value"] = torch.finfo(compute_dtype).bits // 8
     row_prompt_lens = [len(p) for p in prompts for _ in range(G)]
 
     def run_once(sampling, seed=0, **kw):
         torch.manual_seed(seed)
-        return generate(model, prompts, sampling, num_samples=G, generator=torch.Generator().manual_seed(seed),
-                        tokenizer=run.tok, **kw)
+        with run.autocast():
+            return generate(model, prompts, sampling, num_samples=G, generator=torch.Generator().manual_seed(seed),
+                            tokenizer=run.tok, **kw)
 
     # 1. machine limits, then the forced-length decode, alternated (bandwidth, peak, decode) x repeats
     run_once(forced)  # warm-up
     bws, peaks, decodes = [], [], []
     for _ in range(a.repeats):
-        bws.append(memory_bandwidth()["bytes_per_s"])
-        peaks.append(matmul_peak())
+        bws.append(memory_bandwidth(device=device)["bytes_per_s"])
+        peaks.append(matmul_peak(device, compute_dtype))
         o = run_once(forced)
         decodes.append(o.stats["decode_s"])
     bw, peak = max(bws), max(peaks)
@@ -314,7 +331,8 @@ def main(argv=None):
 
     # 2. profile of the same call
     short = SamplingConfig(**{**forced.__dict__, "max_new_tokens": min(a.profile_tokens, a.new_tokens)})
-    prof = profile_decode(model, prompts, short, G, shape["vocab"], tokenizer=run.tok) if a.profile else None
+    prof = (profile_decode(model, prompts, short, G, shape["vocab"], tokenizer=run.tok)
+            if a.profile and device.type == "cpu" else None)
 
     # 3. levers with real EOS, interleaved
     results = {k: {"decode_s": [], "prefill_s": [], "wall_s": []} for k in levers}
@@ -365,6 +383,7 @@ def main(argv=None):
         results[k].pop("completions")
 
     res = {"model": tr.cfg.model.name, "preset": a.preset, "threads": torch.get_num_threads(), "keep": a.keep,
+           "device": str(device), "compute_dtype": str(compute_dtype),
            "prompts": a.prompts, "G": G, "max_new_tokens": a.new_tokens, "prompt_lens": [len(p) for p in prompts],
            "shape": shape, "headline_forced_length": headline, "profile": prof, "levers": lever_rows,
            "static_compiled_compile_s": compile_s, "lever_errors": {k: v for k, v in results.items() if "error" in k},
@@ -376,7 +395,8 @@ def main(argv=None):
         json.dump(res, f, indent=1)
 
     g = 1e9
-    print(f"\n## Decode vs roofline: {res['model']}, {a.prompts} prompts x G {G}, {a.new_tokens} new tokens, fp32, "
+    print(f"\n## Decode vs roofline: {res['model']}, {a.prompts} prompts x G {G}, {a.new_tokens} new tokens, "
+          f"{str(compute_dtype).replace('torch.', '')}, {device.type}, "
           f"{res['threads']} thread(s) (machine figures vary by machine and load)")
     h = headline
     print("| decode tok/s | roofline tok/s | efficiency | bandwidth GB/s | matmul peak GFLOP/s | "

@@ -120,6 +120,7 @@ def model_argv(args) -> list:
     if getattr(args, "model", None):
         argv += ["--preset", getattr(args, "preset", None) or "smollm2", "--model", args.model]
     z = sizes(args)
+    argv += ["--run.device", getattr(args, "device", "cpu")]
     return argv + ["--rollout.prompts_per_step", str(z["prompts"]), "--rollout.num_generations", str(z["G"]),
                    "--rollout.max_new_tokens", str(z["new_tokens"]), "--optim.micro_batch_size", str(z["micro_batch"])]
 
@@ -189,7 +190,8 @@ def trl_config(cfg, out_dir, args, threads, max_steps, **over):
 
     c = cfg
     kw = dict(
-        output_dir=out_dir, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+        output_dir=out_dir, report_to="none", save_strategy="no", disable_tqdm=True,
+        use_cpu=getattr(args, "device", "cpu") == "cpu",
         bf16=False, fp16=False, gradient_checkpointing=False, seed=args.seed, data_seed=args.seed,
         per_device_train_batch_size=c.optim.micro_batch_size,
         gradient_accumulation_steps=(c.rollout.prompts_per_step * c.rollout.num_generations) // c.optim.micro_batch_size,
@@ -479,6 +481,8 @@ def check_loss(args):
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
+    args = argparse.Namespace(**{**{k: getattr(args, k) for k in dir(args) if not k.startswith("_")},
+                                 "device": "cpu"})  # float32 equality is a CPU check
     t = rtpo_trainer(args, tempfile.mkdtemp(prefix="bench_vs_trl_rtpo_"), 1)
     cfg, tok = t.cfg, t.run.tok
     model_path = t.run.model.config._name_or_path  # the cached warm-start folder
@@ -667,6 +671,8 @@ def main():
     ap.add_argument("--G", type=int, default=None, help="completions per prompt (default 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64 embedded, 128 --model)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per micro batch (default 16)")
+    ap.add_argument("--device", default="cpu", help="both sides' device (cuda: benchmarks/gpu_check.sh; the loss "
+                    "check always runs on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check-loss", dest="check_loss", action="store_false")
     ap.add_argument("--no-timing", dest="timing", action="store_false")
