@@ -154,10 +154,12 @@ def test_gpu_check_without_a_gpu_stops_with_one_error_line(tmp_path):
 
 def test_gpu_check_report_reads_every_steps_output(tmp_path, capsys):
     """The report turns each step's files into one table row: a failed step says so, a goal is judged
-    from the measured value (rollout 2.5x generate: met; MFU 31 %: missed), 1 GPU skips NCCL."""
+    from the measured value (rollout 2.5x generate: met; MFU 31 %: missed; decode at 62 % of its roofline: met;
+    SmolLM2 vs TRL 2.4x at keep 0 but 2.7x at keep 1: missed), 1 GPU skips NCCL, no TRL skips the TRL step."""
     rep = load_script("gpu_check_report")
     (tmp_path / "steps.tsv").write_text("cuda_tests\t0\t40\nbench_generation\t0\t60\nsmollm2_rtpo\t124\t150\n"
-                                        "update_mfu\t0\t50\nzero_nccl\tskipped\t0\n")
+                                        "update_mfu\t0\t50\ndecode_roofline\t0\t70\ntrl_smollm2\t0\t150\n"
+                                        "zero_nccl\tskipped\t0\n")
     (tmp_path / "cuda_tests.log").write_text("....s\n======= 4 passed, 1 skipped in 9.1s =======\n")
     row = dict(prompt_len=512, G=8)
     (tmp_path / "bench_generation.json").write_text(json.dumps({"throughput": [
@@ -166,14 +168,25 @@ def test_gpu_check_report_reads_every_steps_output(tmp_path, capsys):
     (tmp_path / "bench_update_flops.json").write_text(json.dumps({
         "achieved_flops_fwd_bwd": 2.5e14, "matmul_peak_flops": 8e14, "dtype": "torch.bfloat16",
         "mfu_fwd_bwd": 0.3125, "mfu_update": 0.25}))
+    (tmp_path / "bench_decode_roofline.json").write_text(json.dumps({"levers": [], "headline_forced_length": {
+        "rows": 256, "decode_tokens_per_s": 6200.0, "roofline_tokens_per_s": 10000.0, "efficiency": 0.62,
+        "memory_bandwidth_bytes_per_s": 4.1e12, "matmul_peak_flops": 7e14}}))
+    t = dict(rollout_ratio=1.5, update_ratio=3.0)
+    (tmp_path / "bench_vs_trl_smollm2.json").write_text(json.dumps({"timing": [
+        {**t, "keep": 0.0, "ratio_of_medians": 2.4}, {**t, "keep": 1.0, "ratio_of_medians": 2.7}]}))
     rep.main(str(tmp_path))
     lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
+    assert "goal met" in lines["decode_roofline"] and "62.0%" in lines["decode_roofline"]
+    assert "goal missed" in lines["trl_smollm2"] and "keep 1: TRL/rtpo 2.70x (goal 3x)" in lines["trl_smollm2"]
     assert "4 passed, 1 skipped" in lines["cuda_tests"]
     assert "goal met" in lines["bench_generation"] and "2.50x" in lines["bench_generation"]
     assert "timeout" in lines["smollm2_rtpo"]
     assert "goal missed" in lines["update_mfu"] and "31.2%" in lines["update_mfu"]
     assert "skipped" in lines["zero_nccl"]
-    assert len(json.loads((tmp_path / "gpu_check.json").read_text())) == 5
+    assert len(json.loads((tmp_path / "gpu_check.json").read_text())) == 7
+    (tmp_path / "steps.tsv").write_text("trl_smollm2\tskipped\t0\n")
+    rep.main(str(tmp_path))
+    assert "skipped (no TRL)" in capsys.readouterr().out
 
 
 def test_bench_vs_trl_model_flags_give_the_real_task_and_keep_the_embedded_default():
