@@ -30,7 +30,8 @@ elementwise, cache concatenation), and Python / framework overhead = wall time -
 Levers, each an option of rtpo.generation, A/B in one run with the configs interleaved per repeat and
 real EOS (what the trainer runs): compaction of finished rows off vs "auto"; the static cache; the
 static cache with torch.compile on CPU (inductor; its compile time is reported apart, not timed);
-the prefill's LM head at every position instead of only the last (logits_to_keep off).
+the prefill's LM head at every position instead of only the last (logits_to_keep off); sampling
+compiled by torch.compile (fused kernels).
 
   python benchmarks/bench_decode_roofline.py [--threads 1] [--repeats 3] [--quick]
 """
@@ -223,6 +224,23 @@ def cpu_compile():
         gen._COMPILED.pop("cpu", None)
 
 
+_COMPILED_SAMPLER: dict = {}
+
+
+@contextlib.contextmanager
+def compiled_sampling():
+    """rtpo.generation.sample_tokens through torch.compile (inductor fuses the softmax / cumsum / search
+    into a few kernels): the sampling-fusion lever, without changing its arithmetic's order of operations."""
+    orig = gen.sample_tokens
+    if "fn" not in _COMPILED_SAMPLER:
+        _COMPILED_SAMPLER["fn"] = torch.compile(orig, dynamic=True)
+    gen.sample_tokens = _COMPILED_SAMPLER["fn"]
+    try:
+        yield
+    finally:
+        gen.sample_tokens = orig
+
+
 LEVERS = {
     # name: (generate kwargs, context manager factory or None)
     "default": ({}, None),
@@ -230,11 +248,13 @@ LEVERS = {
     "static_cache": ({"cache": "static"}, None),
     "static_compiled": ({"cache": "static", "compile": True}, "cpu_compile"),
     "prefill_all_logits": ({}, "prefill_all_logits"),
+    "compiled_sampling": ({}, "compiled_sampling"),
 }
 
 
 def _ctx(name, model):
-    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model)}.get(
+    return {"cpu_compile": cpu_compile, "prefill_all_logits": lambda: prefill_all_logits(model),
+            "compiled_sampling": compiled_sampling}.get(
         name, contextlib.nullcontext)()
 
 
