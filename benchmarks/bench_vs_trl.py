@@ -562,7 +562,7 @@ def check_real_batch(t, model_path, args):
     loss_r, lp_r = 0.0, []
     for j in range(0, N, micro):
         rows = list(range(j, j + micro))
-        loss, _ = t.updater.micro_loss(ro.take(rows), sc.advantages[rows], Normalizers(n_tokens, N, 0))
+        loss, _ = t.updater.micro_loss(ro.take(rows), sc.advantages[rows], Normalizers(n_tokens, N))
         loss.backward()
         loss_r += loss.item()
         with torch.no_grad():  # the same rows' log-probs, to compare with TRL's
