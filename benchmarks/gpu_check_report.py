@@ -13,7 +13,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-GOALS = {"bench_generation": 2.0, "update_mfu": 0.40}  # rollout vs generate at G 8 / prompt 512; update MFU
+# rollout vs generate at G 8 / prompt 512; update MFU; decode share of its roofline; SmolLM2 RL step vs TRL
+# (the smallest of TRL/rtpo over its goal per keep: 2x at keep 0, 3x at keep 1; >= 1 meets both)
+GOALS = {"bench_generation": 2.0, "update_mfu": 0.40, "decode_roofline": 0.50, "trl_smollm2": 1.0}
+TRL_GOALS = {0.0: 2.0, 1.0: 3.0}
+SKIPPED = {"zero_nccl": ("skipped (1 GPU)", "needs >= 2 GPUs"),
+           "trl_smollm2": ("skipped (no TRL)", "TRL is not installed: pip install -e '.[bench]'")}
 
 
 def _json(folder, name):
@@ -97,6 +102,33 @@ def update_mfu(folder):
             f"goal >= {GOALS['update_mfu']:.0%})"), d["mfu_fwd_bwd"]
 
 
+def decode_roofline(folder):
+    d = _json(folder, "bench_decode_roofline.json")
+    if not d:
+        return "no JSON", None
+    h = d["headline_forced_length"]
+    lev = ", ".join(f"{r['lever']} {r['speedup_vs_default']:.2f}x" for r in d.get("levers", [])
+                    if r["lever"] != "default" and r.get("speedup_vs_default"))
+    return (f"{h['rows']} rows: {h['decode_tokens_per_s']:.0f} tok/s of a {h['roofline_tokens_per_s']:.0f} tok/s "
+            f"roofline ({h['memory_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, {_rate(h['matmul_peak_flops'])}): "
+            f"{h['efficiency']:.1%} (goal >= {GOALS['decode_roofline']:.0%})" + (f"; levers {lev}" if lev else "")), \
+        h["efficiency"]
+
+
+def trl_smollm2(folder):
+    d = _json(folder, "bench_vs_trl_smollm2.json")
+    if not d or not d.get("timing"):
+        return "no timing", None
+    parts, worst = [], None
+    for t in d["timing"]:
+        r, goal = t["ratio_of_medians"], TRL_GOALS.get(t["keep"])
+        parts.append(f"keep {t['keep']:g}: TRL/rtpo {r:.2f}x" + (f" (goal {goal:g}x)" if goal else "")
+                     + f", rollout {t['rollout_ratio']:.2f}x, update {t['update_ratio']:.2f}x")
+        if goal:
+            worst = r / goal if worst is None else min(worst, r / goal)
+    return "; ".join(parts), worst
+
+
 def _rate(flops):
     return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
 
@@ -108,12 +140,14 @@ def main(folder):
             name, rc, secs = line.rstrip("\n").split("\t")
             steps.append((name, rc, int(secs)))
     report, out = {"bench_generation": bench_generation, "update_mfu": update_mfu, "cuda_tests": cuda_tests,
-                   "bench_logprobs": bench_logprobs, "smollm2_rtpo": smollm2_rtpo, "zero_nccl": zero_nccl}, []
+                   "bench_logprobs": bench_logprobs, "smollm2_rtpo": smollm2_rtpo, "zero_nccl": zero_nccl,
+                   "decode_roofline": decode_roofline, "trl_smollm2": trl_smollm2}, []
     print("| check | status | s | result |")
     print("|---|---|---|---|")
     for name, rc, secs in steps:
-        status = "skipped (1 GPU)" if rc == "skipped" else ("ok" if rc == "0" else ("timeout" if rc == "124" else f"rc {rc}"))
-        fig = report[name](folder) if rc != "skipped" else "needs >= 2 GPUs"
+        skip_status, skip_text = SKIPPED.get(name, ("skipped", ""))
+        status = skip_status if rc == "skipped" else ("ok" if rc == "0" else ("timeout" if rc == "124" else f"rc {rc}"))
+        fig = report[name](folder) if rc != "skipped" else skip_text
         text, value = fig if isinstance(fig, tuple) else (fig, None)
         if value is not None and name in GOALS:
             status += ", goal met" if value >= GOALS[name] else ", goal missed"

@@ -167,10 +167,12 @@ def test_gpu_check_without_a_gpu_stops_with_one_error_line(tmp_path):
 
 def test_gpu_check_report_reads_every_steps_output(tmp_path, capsys):
     """The report turns each step's files into one table row: a failed step says so, a goal is judged
-    from the measured value (rollout 2.5x generate: met; MFU 31 %: missed), 1 GPU skips NCCL."""
+    from the measured value (rollout 2.5x generate: met; MFU 31 %: missed; decode at 62 % of its roofline: met;
+    SmolLM2 vs TRL 2.4x at keep 0 but 2.7x at keep 1: missed), 1 GPU skips NCCL, no TRL skips the TRL step."""
     rep = load_script("gpu_check_report")
     (tmp_path / "steps.tsv").write_text("cuda_tests\t0\t40\nbench_generation\t0\t60\nsmollm2_rtpo\t124\t150\n"
-                                        "update_mfu\t0\t50\nzero_nccl\tskipped\t0\n")
+                                        "update_mfu\t0\t50\ndecode_roofline\t0\t70\ntrl_smollm2\t0\t150\n"
+                                        "zero_nccl\tskipped\t0\n")
     (tmp_path / "cuda_tests.log").write_text("....s\n======= 4 passed, 1 skipped in 9.1s =======\n")
     row = dict(prompt_len=512, G=8)
     (tmp_path / "bench_generation.json").write_text(json.dumps({"throughput": [
@@ -179,11 +181,93 @@ def test_gpu_check_report_reads_every_steps_output(tmp_path, capsys):
     (tmp_path / "bench_update_flops.json").write_text(json.dumps({
         "achieved_flops_fwd_bwd": 2.5e14, "matmul_peak_flops": 8e14, "dtype": "torch.bfloat16",
         "mfu_fwd_bwd": 0.3125, "mfu_update": 0.25}))
+    (tmp_path / "bench_decode_roofline.json").write_text(json.dumps({"levers": [], "headline_forced_length": {
+        "rows": 256, "decode_tokens_per_s": 6200.0, "roofline_tokens_per_s": 10000.0, "efficiency": 0.62,
+        "memory_bandwidth_bytes_per_s": 4.1e12, "matmul_peak_flops": 7e14}}))
+    t = dict(rollout_ratio=1.5, update_ratio=3.0)
+    (tmp_path / "bench_vs_trl_smollm2.json").write_text(json.dumps({"timing": [
+        {**t, "keep": 0.0, "ratio_of_medians": 2.4}, {**t, "keep": 1.0, "ratio_of_medians": 2.7}]}))
     rep.main(str(tmp_path))
     lines = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
+    assert "goal met" in lines["decode_roofline"] and "62.0%" in lines["decode_roofline"]
+    assert "goal missed" in lines["trl_smollm2"] and "keep 1: TRL/rtpo 2.70x (goal 3x)" in lines["trl_smollm2"]
     assert "4 passed, 1 skipped" in lines["cuda_tests"]
     assert "goal met" in lines["bench_generation"] and "2.50x" in lines["bench_generation"]
     assert "timeout" in lines["smollm2_rtpo"]
     assert "goal missed" in lines["update_mfu"] and "31.2%" in lines["update_mfu"]
     assert "skipped" in lines["zero_nccl"]
-    assert len(json.loads((tmp_path / "gpu_check.json").read_text())) == 5
+    assert len(json.loads((tmp_path / "gpu_check.json").read_text())) == 7
+    (tmp_path / "steps.tsv").write_text("trl_smollm2\tskipped\t0\n")
+    rep.main(str(tmp_path))
+    assert "skipped (no TRL)" in capsys.readouterr().out
+
+
+def test_bench_vs_trl_model_flags_give_the_real_task_and_keep_the_embedded_default():
+    """`--model NAME` runs rtpo's smollm2 preset (wordproblems) on that model at issue 23's rollout shape
+    (4 prompts x G 8, 128 new tokens) unless sizes are given; without --model the explicit sizes are
+    exactly rtpo's defaults, so the embedded comparison is the one measured before."""
+    from types import SimpleNamespace
+
+    from rtpo.cli import parse_args
+    from rtpo.config import RTPOConfig
+
+    bench = load_script("bench_vs_trl")
+    none = dict(preset=None, prompts=None, G=None, new_tokens=None, micro_batch=None)
+    cfg = parse_args(bench.model_argv(SimpleNamespace(model="smollm2-135m", **none)))
+    assert (cfg.model.name, cfg.data.dataset) == ("smollm2-135m", "wordproblems")
+    r = cfg.rollout
+    assert (r.prompts_per_step, r.num_generations, r.max_new_tokens, cfg.optim.micro_batch_size) == (4, 8, 128, 16)
+    cfg = parse_args(bench.model_argv(SimpleNamespace(model="smollm2-135m", **dict(none, prompts=2, new_tokens=32))))
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens) == (2, 32)
+    emb, ref = parse_args(bench.model_argv(SimpleNamespace(model=None, **none))), RTPOConfig()
+    assert emb.model.name == ref.model.name and emb.data.dataset == ref.data.dataset
+    assert (emb.rollout, emb.optim) == (ref.rollout, ref.optim)
+
+
+def test_decode_roofline_arithmetic_equals_a_hand_count():
+    """Bytes and FLOPs of a decode step and of a whole decode, for a 2-layer Llama (hidden 64, 4 heads
+    of 16, 1 KV head, MLP 128, vocabulary 96, untied head), counted by hand."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    bench = load_script("bench_decode_roofline")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=96, tie_word_embeddings=False))
+    shape = bench.decode_shape(model)
+    layer = 64 * 64 + 64 * 16 + 64 * 16 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q k v o, gate up down, 2 norms
+    body = 2 * layer + 64  # + final norm
+    assert shape["body_params"] == body == 69952 and shape["params"] == body + 2 * 96 * 64
+    w = body + 64 * 96  # weights a step reads (body + LM head)
+    c = bench.step_cost(shape, [5, 8])  # 2 rows attending to 13 positions
+    assert c["bytes"] == 4 * w + 4 * 2 * 2 * 1 * 16 * 13 == 307712  # + K and V of 2 layers, 1 head of 16
+    assert c["flops"] == 2 * 2 * w + 4 * 2 * 4 * 16 * 13 == 311040  # + q.k and p.v of 4 heads in 2 layers
+    # rows with prompts 3 and 5 generating 3 and 1 tokens: 2 forwards, each of row 0 alone (ctx 4, then 5)
+    r = bench.decode_roofline(shape, [3, 5], [3, 1], bandwidth=1e6, peak=1e6)
+    assert r["forwards"] == 2 and r["bytes"] == 2 * 4 * w + 256 * (4 + 5)
+    assert r["flops"] == 2 * 2 * w + 512 * (4 + 5)
+    assert r["memory_bound_steps"] == 2 and abs(r["seconds"] - r["bytes"] / 1e6) < 1e-12
+    r = bench.decode_roofline(shape, [3, 5], [3, 1], bandwidth=1e6, peak=1e5)  # now compute-bound
+    assert r["memory_bound_steps"] == 0 and abs(r["seconds"] - r["flops"] / 1e5) < 1e-9
+
+
+def test_decode_roofline_quick_run_writes_the_table_and_json(tmp_path, capsys):
+    """At --quick sizes on a tiny embedded model: the forced-length decode is measured against a roofline
+    of one forward per token after the first, the profile's groups cover the call, and the levers
+    tried (compaction off, static cache, the prefill's full LM head) sample the same completions."""
+    bench = load_script("bench_decode_roofline")
+    out = tmp_path / "roof.json"
+    tiny = ["--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.num_kv_heads",
+            "1", "--model.intermediate_size", "64", "--warmstart.steps", "4", "--warmstart.num_examples", "50",
+            "--warmstart.cache_dir", str(tmp_path / "cache"), "--data.synthetic_size", "50"]
+    res = bench.main(["--quick", "--preset", "embedded", "--levers",
+                      "default,no_compaction,static_cache,prefill_all_logits", "--out", str(out), "--extra", *tiny])
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("wrote") and "| prefill_all_logits |" in printed
+    data = json.loads(out.read_text())
+    h = data["headline_forced_length"]
+    assert h["rows"] == 4 and h["tokens"] == 4 * 8 and h["roofline"]["forwards"] == 7  # 2 prompts x G 2, 8 tokens
+    assert h["memory_bandwidth_bytes_per_s"] > 0 and h["matmul_peak_flops"] > 0 and 0 < h["efficiency"]
+    assert abs(sum(data["profile"]["share"].values()) - 1) < 0.05
+    assert [r["lever"] for r in data["levers"]] == ["default", "no_compaction", "static_cache", "prefill_all_logits"]
+    assert all(r["same_completions_as_first"] for r in data["levers"])
+    assert res["shape"]["layers"] == 1
