@@ -142,7 +142,8 @@ def rtpo_trainer(args, out_dir, threads, variant="rtpo"):
 
     argv = model_argv(args) + ["--run.output_dir", out_dir, "--run.overwrite", "true", "--run.seed", str(args.seed),
             "--run.num_threads", str(threads), "--run.max_steps", str(args.warmup + args.steps + 2),
-            "--log.progress", "false", "--log.plot", "false", "--eval.num_examples", "0"]
+            "--log.progress", "false", "--log.plot", "false", "--eval.num_examples", "0",
+            "--loss.hint_loss", "0"]  # TRL has no hint loss: equal work on both sides (rtpo's default is 1)
     if args.keep > 0:
         argv += ["--curriculum.schedule", "constant", "--curriculum.value", str(args.keep)]
     else:
