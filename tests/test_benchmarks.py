@@ -99,8 +99,10 @@ def test_t_interval_matches_a_hand_computed_example():
 
 
 def test_rtpo_vs_grpo_takes_rl_hyperparameters_from_project_defaults():
-    """Only the schedule, the budget and the explicit overrides are set by the benchmark: optim.lr
-    and the rest come from RTPOConfig's defaults unless --lr / --set say otherwise."""
+    """Only the schedule, the hint loss, the budget and the explicit overrides are set by the benchmark:
+    optim.lr and the rest come from RTPOConfig's defaults unless --lr / --set say otherwise."""
+    from dataclasses import replace
+
     from rtpo.config import RTPOConfig
     from rtpo.cli import parse_args
 
@@ -108,7 +110,10 @@ def test_rtpo_vs_grpo_takes_rl_hyperparameters_from_project_defaults():
     args = bench.parse(["--quick"])
     cfg = parse_args(bench.trainer_argv("rtpo_cosine", 1, "/tmp/x", args))
     d = RTPOConfig()
-    assert cfg.optim.lr == d.optim.lr and cfg.loss == d.loss and cfg.rollout == d.rollout
+    assert cfg.optim.lr == d.optim.lr and cfg.rollout == d.rollout
+    # the loss is the project's, but for the hint loss, which the arms name where they use it (the default is 1)
+    assert cfg.loss == replace(d.loss, hint_loss=0.0) and d.loss.hint_loss == 1.0
+    assert parse_args(bench.trainer_argv("rtpo_hint_loss", 1, "/tmp/x", args)).loss.hint_loss == 1.0
     cfg = parse_args(bench.trainer_argv("grpo", 1, "/tmp/x", bench.parse(["--lr", "5e-5", "--set", "loss.beta=0.01"])))
     assert cfg.optim.lr == 5e-5 and cfg.loss.beta == 0.01 and cfg.curriculum.schedule == "none"
 
