@@ -57,23 +57,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import rtpo.generation as gen  # noqa: E402
 from rtpo.generation import SamplingConfig, generate  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_update_flops import _sync, matmul_peak as square_matmul_peak, model_shape  # noqa: E402
+
 FP32 = 4
 
 
 # ----------------------------------------------------------------------------- the arithmetic
 
 def decode_shape(model) -> dict:
-    """The dimensions the roofline needs (text decoder)."""
+    """The dimensions the roofline needs (text decoder): bench_update_flops.model_shape's, with the body
+    counted without the LM head (an untied head is read as the head), and the attention's head counts."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # tied weights once
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    s = model_shape(model)
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    body = total - emb.numel() - (0 if head is emb else head.numel())
-    return {"params": total, "body_params": body, "hidden": cfg.hidden_size, "vocab": head.shape[0],
-            "layers": cfg.num_hidden_layers, "heads": heads, "kv_heads": cfg.num_key_value_heads,
-            "head_dim": head_dim, "tied": head is emb, "bytes_per_value": emb.element_size()}
+    return {"params": s["params"], "body_params": s["body_params"] - (0 if head is emb else head.numel()),
+            "hidden": s["hidden"], "vocab": head.shape[0], "layers": s["layers"], "heads": heads,
+            "kv_heads": cfg.num_key_value_heads, "head_dim": s["attn_width"] // heads, "tied": head is emb,
+            "bytes_per_value": emb.element_size()}
 
 
 def step_cost(shape: dict, ctx: list) -> dict:
@@ -107,11 +109,6 @@ def decode_roofline(shape: dict, prompt_lens: list, lengths: list, bandwidth: fl
 
 # ----------------------------------------------------------------------------- machine limits
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def memory_bandwidth(gib: float = 1.0, reps: int = 5, device=torch.device("cpu")) -> dict:
     """Best read bandwidth (bytes/s): torch.sum over a float32 tensor of `gib` GiB, far above the caches."""
     x = torch.ones(int(gib * 2**30) // FP32, device=device)
@@ -127,10 +124,7 @@ def memory_bandwidth(gib: float = 1.0, reps: int = 5, device=torch.device("cpu")
 
 
 def matmul_peak(device=torch.device("cpu"), dtype=torch.float32) -> float:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from bench_update_flops import matmul_peak as peak
-
-    return peak(device, dtype, (4096, 8192) if device.type == "cuda" else (512, 1024, 2048))["flops"]
+    return square_matmul_peak(device, dtype, (4096, 8192) if device.type == "cuda" else (512, 1024, 2048))["flops"]
 
 
 # ----------------------------------------------------------------------------- profile
