@@ -39,14 +39,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     return SCALE_REWARDS[scale_rewards](rewards.float(), group_size, eps)
 
 
+def varied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards [N] -> [groups] bool: whether a group's G rewards differ (it has a nonzero advantage)."""
+    r = rewards.view(-1, group_size)
+    return r.max(dim=1).values > r.min(dim=1).values
+
+
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of groups whose G rewards are all equal (they carry no learning signal)."""
-    r = rewards.view(-1, group_size)
-    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+    return (~varied_groups(rewards, group_size)).float().mean().item()
+
+
+def all_wrong(accuracy: torch.Tensor) -> torch.Tensor:
+    """accuracy [groups, G] in {0, 1} -> [groups] bool: every row of the group is wrong."""
+    return accuracy.float().max(dim=1).values <= 0
 
 
 def group_outcomes(accuracy: torch.Tensor) -> tuple[float, float]:
     """accuracy [groups, G] in {0, 1} -> (fraction of all-wrong groups, fraction of all-right groups).
     An all-wrong group is where a hint can create signal; an all-right group is where it removes it."""
-    acc = accuracy.float()
-    return (acc.max(dim=1).values <= 0).float().mean().item(), (acc.min(dim=1).values >= 1).float().mean().item()
+    return all_wrong(accuracy).float().mean().item(), (accuracy.float().min(dim=1).values >= 1).float().mean().item()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rtpo.advantages import all_wrong, varied_groups
 from rtpo.stages import Rollout, Scores
 
 
@@ -33,18 +34,6 @@ class Refill:
     def metrics(self) -> dict:
         return {"rollouts": float(self.rollouts), "refill_rounds": float(self.rounds),
                 "rerolled_groups": float(self.rerolled_groups)}
-
-
-def varied_groups(rewards: torch.Tensor, G: int) -> list:
-    """Per group: whether its G rewards differ (the group has a nonzero advantage)."""
-    r = rewards.view(-1, G)
-    return (r.max(dim=1).values > r.min(dim=1).values).tolist()
-
-
-def all_wrong_groups(accuracy: list, G: int) -> list:
-    """Per group: whether all its G rows are wrong."""
-    a = torch.tensor(accuracy, dtype=torch.float32).view(-1, G)
-    return (a.max(dim=1).values <= 0).tolist()
 
 
 def pick_groups(varied: list, B: int) -> list:
@@ -72,7 +61,7 @@ class Refiller:
             return ro, sc, info
         G, B = ro.G, self.run.cfg.rollout.prompts_per_step
         rounds = [(ro, sc)]
-        while sum(sum(varied_groups(s.rewards, G)) for _, s in rounds) < B and info.rounds < self.rounds:
+        while sum(int(varied_groups(s.rewards, G).sum()) for _, s in rounds) < B and info.rounds < self.rounds:
             info.rounds += 1
             r = self.sampler.rollout(ro.step, info.rounds)
             s = self.scorer.score(r)
@@ -89,10 +78,11 @@ class Refiller:
         if k <= 0 or not ro.hinted_rows:
             return ro, sc
         G, n = ro.G, len(ro.idx)
-        wrong = all_wrong_groups(sc.accuracy, G)  # every process's groups, in rank order
-        mine = [g for g in range(n) if wrong[self.comm.rank * n + g] and ro.keeps[g] < k]
-        counts = self.comm.sum([len(mine) if r == self.comm.rank else 0 for r in range(self.comm.world)])
-        counts = [int(x) for x in counts]
+        # every process's groups, in rank order (the scores are gathered): each process's re-rolls are known here
+        wrong = all_wrong(torch.tensor(sc.accuracy).view(-1, G)).tolist()
+        todo = [w and keep < k for w, keep in zip(wrong, sc.group_keeps)]
+        counts = [sum(todo[r * n:(r + 1) * n]) for r in range(self.comm.world)]
+        mine = [g for g in range(n) if todo[self.comm.rank * n + g]]
         if not sum(counts):
             return ro, sc
         for g in mine:
@@ -111,7 +101,7 @@ class Refiller:
             lo = comm.rank * len(ro)
             mine = [_record(ro, sc, g, lo) for g in range(len(ro.idx))]
             records += [rec for part in comm.gather_objects(mine) for rec in part]
-            varied += varied_groups(sc.rewards, G)
+            varied += varied_groups(sc.rewards, G).tolist()
         chosen = [records[i] for i in pick_groups(varied, B)]
         local = comm.share(chosen)
         ro = self.sampler.assemble(rounds[0][0].step, [r.idx for r in local], [r.keep for r in local])

@@ -6,7 +6,8 @@ import torch
 
 from rtpo.cli import parse_args
 from rtpo.metrics import read_metrics
-from rtpo.refill import all_wrong_groups, pick_groups, varied_groups
+from rtpo.advantages import all_wrong, varied_groups
+from rtpo.refill import pick_groups
 from rtpo.sampling import run_generate
 from rtpo.trainer import Trainer
 
@@ -37,8 +38,8 @@ def test_pick_groups_takes_varied_groups_first_come_then_tops_up_in_sampling_ord
     assert pick_groups([False, True, False, False], 3) == [0, 1, 2]
     assert pick_groups([True, True], 2) == [0, 1]
     r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
-    assert varied_groups(r, 2) == [False, True, False] and varied_groups(r, 3) == [True, True]
-    assert all_wrong_groups([0, 0, 1, 0], 2) == [True, False]
+    assert varied_groups(r, 2).tolist() == [False, True, False] and varied_groups(r, 3).tolist() == [True, True]
+    assert all_wrong(torch.tensor([[0, 0], [1, 0]])).tolist() == [True, False]
 
 
 def test_hint_reroll_samples_the_all_wrong_groups_again_from_the_hinted_prompt(tmp_path):
@@ -50,7 +51,7 @@ def test_hint_reroll_samples_the_all_wrong_groups_again_from_the_hinted_prompt(t
     G = t.cfg.rollout.num_generations
     ro = t.sampler.rollout(0)
     sc = t.scorer.score(ro)
-    wrong = all_wrong_groups(sc.accuracy, G)
+    wrong = all_wrong(torch.tensor(sc.accuracy).view(-1, G)).tolist()
     assert any(wrong), "precondition: the tiny model leaves some group all wrong"
     before = [list(c) for c in ro.completions]
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +87,7 @@ def test_dynamic_sampling_keeps_the_first_varied_groups_and_moves_the_data_curso
     candidates = [i for r in range(info.rounds + 1) for i in t.sampler.batch_indices(0, r)]
     even = [i for i in candidates if not odd(t.run.train_rows[i].question)]
     assert ro2.idx == even[:B] and len(ro2.completions) == B * G
-    assert all(varied_groups(sc2.rewards, G))
+    assert bool(varied_groups(sc2.rewards, G).all())
     questions = [e.question for e in ro2.examples for _ in range(G)]
     assert sc2.rewards.tolist() == id_sum_reward(None, None, completion_ids=ro2.completions, questions=questions)
     assert sc2.advantages.shape == (B * G,) and torch.allclose(sc2.advantages.view(B, G).sum(1), torch.zeros(B),
