@@ -1,5 +1,7 @@
 """The warm-start cache is reused only when the warm-start would be rebuilt identically."""
 
+import pytest
+
 from rtpo import embedded
 from rtpo.config import RTPOConfig
 from rtpo.data import Example
@@ -47,3 +49,36 @@ def test_warmstart_shows_the_trace_then_mostly_answers():
     eos = tok.eos_token_id
     assert tok.decode(response_ids(b, ex, enc, eos)) == "<think>\n3+5=8\n8+4=2\n</think>\n2<|im_end|>"
     assert tok.decode(response_ids(b, ex, enc, eos, with_reasoning=False)) == "<think>\n</think>\n2<|im_end|>"
+
+
+@pytest.mark.parametrize("num_threads, expected", [(0, 3), (1, 1)])
+def test_warmstart_runs_at_the_default_thread_count_and_the_run_at_its_own(tmp_path, monkeypatch, num_threads,
+                                                                           expected):
+    """Auto threads on CPU, one process: the warm-start trains at torch's default thread count (set to 3
+    here so it differs from every other count in play), the RL run afterwards at one thread (a tiny
+    model); an explicit run.num_threads holds for both."""
+    import torch
+
+    import rtpo.run
+    import rtpo.warmstart
+    from rtpo.cli import parse_args
+    from rtpo.trainer import Trainer
+    from conftest import tiny_args
+
+    seen = []
+    train_sft = rtpo.warmstart.train_sft
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return train_sft(*a, **k)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(rtpo.run, "_DEFAULT_THREADS", 3)
+    monkeypatch.setattr(rtpo.warmstart, "train_sft", spy)
+    try:
+        Trainer(parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--run.num_threads", num_threads,
+                                     "--run.device", "cpu")), log=lambda m: None)
+        assert seen == [expected]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
