@@ -302,10 +302,11 @@ def print_table(rows, meta):
 COLORS = {"grpo": "tab:gray", "grpo_sft": "black", "grpo_sft_decay": "tab:brown", "sft_then_grpo": "tab:olive",
           "rtpo_cosine": "tab:orange", "rtpo_per_example": "tab:green", "rtpo_hint_loss": "tab:red",
           "rtpo_on_demand": "tab:cyan", "rtpo_prefix_rft": "tab:pink", "rtpo_linear": "tab:blue",
-          "rtpo_adaptive": "tab:purple"}
+          "rtpo_adaptive": "tab:purple", "grpo_dynamic": "navy", "rtpo_reroll": "goldenrod",
+          "rtpo_reroll_hint_loss": "teal"}
 
 
-STYLES = {"rtpo_adaptive": "--", "grpo_sft": "--", "grpo_sft_decay": "--", "sft_then_grpo": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
+STYLES = {"rtpo_adaptive": "--", "grpo_sft": "--", "grpo_sft_decay": "--", "sft_then_grpo": "--", "grpo_dynamic": "--"}  # adaptive can coincide with linear (it never lags it): keep both visible
 
 
 def plot(runs, arms, path, title, smooth=None):

@@ -276,3 +276,12 @@ def test_decode_roofline_quick_run_writes_the_table_and_json(tmp_path, capsys):
     assert [r["lever"] for r in data["levers"]] == ["default", "no_compaction", "static_cache", "prefill_all_logits"]
     assert all(r["same_completions_as_first"] for r in data["levers"])
     assert res["shape"]["layers"] == 1
+
+
+def test_every_arm_has_its_own_line_in_the_plots():
+    """No two arms of rtpo_vs_grpo.py share a colour and line style (the default colour cycle repeats
+    after 10 arms: round 4's arms drew like round 3's)."""
+    bench = load_script("rtpo_vs_grpo")
+    assert set(bench.COLORS) == set(bench.ARMS)
+    lines = [(bench.COLORS[a], bench.STYLES.get(a, "-")) for a in bench.ARMS]
+    assert len(set(lines)) == len(lines)
