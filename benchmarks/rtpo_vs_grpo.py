@@ -489,7 +489,7 @@ def combine(paths: list) -> dict:
     arms = list(dict.fromkeys(a for rows in regimes.values() for a in rows))
     hint_arms = [a for a in arms if a not in NON_HINT]
     pp = lambda ms: "-" if not ms or ms[0] is None else _ci(ms, 100)  # noqa: E731
-    print("\n## Round 3 across regimes: final no-hint accuracy % (mean over seeds); Δ GRPO / Δ best non-hint: paired "
+    print("\n## Across regimes (criteria of benchmarks/results/round3_plan.md): final no-hint accuracy % (mean over seeds); Δ GRPO / Δ best non-hint: paired "
           "differences in points ± 95 % t-interval half-width; curve Δ best: the same for curve area")
     hdr = f"{'arm':17}" + "".join(f" | {r + ' final':>14} {'Δ GRPO':>13} {'Δ best':>13} {'curve Δ best':>13}"
                                    for r in regimes)
