@@ -295,6 +295,8 @@ def print_table(rows, meta):
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
               f"{fmt(r['keep_mean'], 2):>10} {fmt(mtok(r.get('fwd_tokens')), 2):>13} "
               f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(kilo(r.get('rollouts')), 1):>11} {fmt(r['wall_s'], 0):>11}")
+    print("trace Mtok: the RL phase's supervised tokens (hint or SFT loss) plus every token of an SFT phase, prompts "
+          "included (sft_then_grpo's supervised share of it equals rtpo_hint_loss's trace tokens by construction)")
 
 
 # ----------------------------------------------------------------------------- plot
