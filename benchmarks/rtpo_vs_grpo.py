@@ -283,6 +283,8 @@ def print_table(rows, meta):
            f"{'Δ curve GRPO':>13} {'Δ curve best':>13} {'all-wrong 0-20':>15} "
            f"{'eval reason tok':>16} {'Δ reason tok':>13} {'mean keep':>10} {'fwd+bwd Mtok':>13} {'trace Mtok':>11} "
            f"{'rollouts k':>11} {'wall s/run':>11}")
+    print("trace Mtok: the RL phase's supervised tokens (hint or SFT loss) plus every token of an SFT phase, prompts "
+          "included (sft_then_grpo's supervised share of it equals rtpo_hint_loss's trace tokens by construction)")
     print(hdr)
     print("-" * len(hdr))
     mtok = lambda ms: (ms[0] / 1e6, ms[1] / 1e6) if ms and ms[0] is not None else None  # noqa: E731
@@ -295,8 +297,6 @@ def print_table(rows, meta):
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
               f"{fmt(r['keep_mean'], 2):>10} {fmt(mtok(r.get('fwd_tokens')), 2):>13} "
               f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(kilo(r.get('rollouts')), 1):>11} {fmt(r['wall_s'], 0):>11}")
-    print("trace Mtok: the RL phase's supervised tokens (hint or SFT loss) plus every token of an SFT phase, prompts "
-          "included (sft_then_grpo's supervised share of it equals rtpo_hint_loss's trace tokens by construction)")
 
 
 # ----------------------------------------------------------------------------- plot

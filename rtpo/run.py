@@ -200,17 +200,22 @@ def set_threads(n: int, device: torch.device, model) -> None:
 
 # torch's intra-op thread count before any run changed it (cores, or OMP_NUM_THREADS)
 _DEFAULT_THREADS = torch.get_num_threads()
+# OpenMP is not fork-safe: a forked child (a multiprocessing "fork" worker) can hang in its first parallel
+# region with a larger team than it inherited, so such a process never raises its thread count.
+_FORKED = []
+os.register_at_fork(after_in_child=lambda: _FORKED.append(True))
 
 
 @contextlib.contextmanager
 def warmstart_threads(cfg: RTPOConfig, device: torch.device):
-    """run.num_threads 0 (auto), CPU, one process: the warm-start runs at torch's default thread count,
-    then the run's count is restored. Its steps (32 whole sequences) split well across cores, unlike the
-    RL micro batches set_threads keeps on one thread: 0.21 vs 0.35 s a step on an idle 2-core machine."""
+    """run.num_threads 0 (auto), CPU, one process not forked from another: the warm-start runs at torch's
+    default thread count, then the run's count is restored. Its steps (32 whole sequences) split well
+    across cores, unlike the RL micro batches set_threads keeps on one thread: 0.21 vs 0.35 s a step on
+    an idle 2-core machine."""
     from rtpo.backends import is_parallel
 
     n = torch.get_num_threads()
-    if cfg.run.num_threads == 0 and device.type == "cpu" and not is_parallel(cfg):
+    if cfg.run.num_threads == 0 and device.type == "cpu" and not is_parallel(cfg) and not _FORKED:
         torch.set_num_threads(_DEFAULT_THREADS)
     try:
         yield

@@ -82,3 +82,44 @@ def test_warmstart_runs_at_the_default_thread_count_and_the_run_at_its_own(tmp_p
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_forked_process_builds_its_warmstart_at_the_thread_count_it_inherited(tmp_path, monkeypatch):
+    """OpenMP is not fork-safe: a process forked from another (a multiprocessing "fork" worker, the reliability
+    tests' forked train.py) never raises its thread count for the warm-start (a larger team hung such runs)."""
+    import os
+
+    import rtpo.run
+    import rtpo.warmstart
+    from rtpo.cli import parse_args
+    from rtpo.trainer import Trainer
+    from conftest import tiny_args
+
+    class Seen(Exception):
+        pass
+
+    def spy(*a, **k):  # record, then stop before any parallel region runs in the child
+        import torch
+
+        raise Seen(torch.get_num_threads())
+
+    monkeypatch.setattr(rtpo.run, "_DEFAULT_THREADS", 3)
+    monkeypatch.setattr(rtpo.warmstart, "train_sft", spy)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        msg = "no warm-start"
+        try:
+            Trainer(parse_args(tiny_args(tmp_path / "run", tmp_path / "cache", "--run.num_threads", 0,
+                                         "--run.device", "cpu")), log=lambda m: None)
+        except Seen as e:
+            msg = str(e.args[0])
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            msg = repr(e)
+        finally:
+            os.write(w, msg.encode())
+            os._exit(0)
+    os.close(w)
+    seen = os.read(r, 4096).decode()
+    os.waitpid(pid, 0)
+    assert seen == "1"  # set_threads' count for a tiny model, not the default of 3
