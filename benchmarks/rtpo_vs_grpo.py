@@ -287,16 +287,15 @@ def print_table(rows, meta):
           "included (sft_then_grpo's supervised share of it equals rtpo_hint_loss's trace tokens by construction)")
     print(hdr)
     print("-" * len(hdr))
-    mtok = lambda ms: (ms[0] / 1e6, ms[1] / 1e6) if ms and ms[0] is not None else None  # noqa: E731
-    kilo = lambda ms: (ms[0] / 1e3, ms[1] / 1e3) if ms and ms[0] is not None else None  # noqa: E731
+    per = lambda ms, unit: (ms[0] / unit, ms[1] / unit) if ms and ms[0] is not None else None  # noqa: E731
     for r in rows:
         print(f"{r['arm']:17} {fmt(r['final_acc'], pct=True):>13} {_ci(r.get('d_final_acc_ci95'), 100):>15} "
               f"{_ci(r.get('d_best_final_acc_ci95'), 100):>13} "
               f"{fmt(r['auc_acc'], pct=True):>13} {_ci(r.get('d_auc_acc_ci95'), 100):>13} "
               f"{_ci(r.get('d_best_auc_acc_ci95'), 100):>13} {fmt(r['all_wrong_first20'], 2):>15} "
               f"{fmt(r['final_eval_reasoning'], 1):>16} {_ci(r.get('d_eval_reasoning_ci95')):>13} "
-              f"{fmt(r['keep_mean'], 2):>10} {fmt(mtok(r.get('fwd_tokens')), 2):>13} "
-              f"{fmt(mtok(r.get('sup_tokens')), 3):>11} {fmt(kilo(r.get('rollouts')), 1):>11} {fmt(r['wall_s'], 0):>11}")
+              f"{fmt(r['keep_mean'], 2):>10} {fmt(per(r.get('fwd_tokens'), 1e6), 2):>13} "
+              f"{fmt(per(r.get('sup_tokens'), 1e6), 3):>11} {fmt(per(r.get('rollouts'), 1e3), 1):>11} {fmt(r['wall_s'], 0):>11}")
 
 
 # ----------------------------------------------------------------------------- plot
@@ -541,7 +540,7 @@ def add_to(path: str, args) -> dict:
     for k in ("regime", "steps", "eval_examples", "eval_every", "lr"):
         setattr(args, k, old.get(k, getattr(args, k)))
     args.set = list(old.get("set", [])) + [kv for kv in args.set if kv not in old.get("set", [])]
-    arms = [a for a in args.arms.split(",")]
+    arms = args.arms.split(",")
     load0, t0 = os.getloadavg(), time.perf_counter()
     new = run_all(arms, data["meta"]["seeds"], args)
     keep = {(r["arm"], r["seed"]) for r in new}

@@ -63,9 +63,14 @@ class Sampler:
     def step_prompts(self, step: int) -> tuple[list, list, list]:
         """(this process's example indices, their keeps, their hinted Prompts) at `step`: what `rollout`
         samples from (hint dropout aside)."""
-        idx = self.batch_indices(step)
-        keeps = self.curriculum.example_keeps(step, idx)
-        return idx, keeps, [self.run.builder.prompt(self.run.train_enc[i], k) for i, k in zip(idx, keeps)]
+        ro = self.unsampled(step)
+        return ro.idx, ro.keeps, ro.hinted
+
+    def unsampled(self, step: int, round: int = 0) -> Rollout:
+        """The Rollout of the step's prompts (`round` > 0: dynamic sampling's further prompts) at their keeps,
+        before any completion is sampled."""
+        idx = self.batch_indices(step, round)
+        return self.assemble(step, idx, self.curriculum.example_keeps(step, idx))
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -113,12 +118,11 @@ class Sampler:
         Each example's prompt holds its kept hint (the schedule's keep, or its own with curriculum.per_example);
         with hint_dropout the first dropout_rows(G) rows of every group get the hint-free prompt instead.
         Row r belongs to group r // G."""
-        idx = self.batch_indices(step, round)
-        ro = self.assemble(step, idx, self.curriculum.example_keeps(step, idx))
+        ro = self.unsampled(step, round)
         G, h = ro.G, ro.hinted_rows
         # one generate call per prompt variant, so each variant's prompt is still prefilled once per group
         outs = self._sample([(ro.plain, G - h), (ro.hinted, h)], ro)
-        for g in range(len(idx)):  # each variant's output holds its groups' rows consecutively
+        for g in range(len(ro.idx)):  # each variant's output holds its groups' rows consecutively
             for out, n in zip(outs, (G - h, h)):
                 for r in range(g * n, g * n + n) if n else ():
                     ro.completions.append(out.completions[r])
